@@ -1,0 +1,12 @@
+"""AdaScale SGD for data-parallel and sharded training.
+
+``import adascale_shard`` loads torch only; integrations with DeepSpeed, the Hugging Face
+Trainer and Accelerate live in ``adascale_shard.integrations`` and are imported by full path.
+"""
+
+from .config import AdaScaleConfig
+from .optimizer import AdaScale
+from .schedule import ScaleInvariantScheduler
+
+__all__ = ["AdaScale", "AdaScaleConfig", "ScaleInvariantScheduler"]
+__version__ = "0.1.0"

@@ -1,0 +1,199 @@
+"""Capture of local micro-gradient statistics with tensor hooks.
+
+A hook registered with ``Tensor.register_hook`` on a parameter sees the gradient that one
+backward pass contributes to it, before autograd accumulates it into ``.grad`` and before DDP
+or DeepSpeed reduce it across ranks. :class:`MicroGradCapture` adds the squared norm of that
+gradient to a per-group accumulator on the gradient's device: no ``.item()``, no host
+synchronisation and no gradient-sized buffer inside backward.
+
+Backward passes are counted by the capture itself (a pass opens at its first hook and closes
+in a callback queued on the autograd engine), so frozen or unused parameters do not change the
+count. When a pass closes, the squared norm of the accumulated ``.grad`` is snapshotted: after
+DDP's reduction, and before any clipping the user does between backward and ``step()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch.autograd import Variable
+
+__all__ = ["MicroGradCapture", "grad_sqr_norms"]
+
+logger = logging.getLogger(__name__)
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Reduce half-precision gradients in float32; never narrow float64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Squared norm of the ``.grad`` of each group, as a float64 tensor on ``device``.
+
+    Uses ``torch._foreach_norm`` (one fused kernel per dtype) and never synchronises the host.
+    """
+    out = torch.zeros(len(groups), dtype=torch.float64, device=device)
+    for index, params in enumerate(groups):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_dtype.setdefault(_norm_dtype(p.grad.dtype), []).append(p.grad.detach())
+        for dtype, grads in by_dtype.items():
+            norms = torch._foreach_norm(grads, 2, dtype=dtype)
+            total = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
+            out[index] += total.square().sum()
+    return out
+
+
+class MicroGradCapture:
+    """Per-group sums of squared local micro-gradient norms over an update window.
+
+    A window is the set of backward passes since the last :meth:`reset` (called by the optimizer
+    when an update consumes it). If the gradients were reset between two passes without an update
+    (``zero_grad`` after a skipped step), the stale window is dropped when the next pass opens,
+    so the statistics always describe the gradients that ``.grad`` holds.
+
+    Args:
+        groups: the parameters of each optimizer parameter group; those that require gradients
+            get a hook.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[torch.Tensor]]) -> None:
+        self.groups: list[list[torch.Tensor]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.device: torch.device | None = None
+        self._micro_sqr: torch.Tensor | None = None
+        self._grad_sqr: torch.Tensor | None = None
+        self.passes = 0
+        self.dropped_windows = 0
+        self._pass_open = False
+        self._pass_task_id = -1
+        self._fired: set[int] = set()
+        self._last_param: torch.Tensor | None = None
+        self._sentinel: tuple[weakref.ref, weakref.ref, int] | None = None
+        self._warned_reentrant = False
+        self._warned_split = False
+        for params in groups:
+            self.add_group(params)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def add_group(self, params: Sequence[torch.Tensor]) -> None:
+        index = len(self.groups)
+        params = list(params)
+        self.groups.append(params)
+        for p in params:
+            if self.device is None:
+                self.device = p.device
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._make_hook(index, p)))
+        if self.device is not None:
+            self._micro_sqr = self._grow(self._micro_sqr)
+            self._grad_sqr = self._grow(self._grad_sqr)
+
+    def _grow(self, acc: torch.Tensor | None) -> torch.Tensor:
+        new = torch.zeros(len(self.groups), dtype=torch.float64, device=self.device)
+        if acc is not None:
+            new[: acc.numel()] = acc
+        return new
+
+    def _make_hook(self, group_index: int, param: torch.Tensor):
+        param_ref = weakref.ref(param)
+
+        def hook(grad: torch.Tensor) -> None:
+            self._on_micro_grad(group_index, param_ref(), grad)
+
+        return hook
+
+    def detach(self) -> None:
+        """Remove every hook (the capture records nothing afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._handles)
+
+    def _on_micro_grad(self, group_index: int, param: torch.Tensor | None, grad: torch.Tensor) -> None:
+        task_id = torch._C._current_graph_task_id()
+        if not self._pass_open:
+            self._open_pass(task_id)
+        elif task_id != self._pass_task_id and not self._warned_reentrant:
+            self._warned_reentrant = True
+            logger.warning(
+                "AdaScale: a backward pass ran inside another (reentrant activation "
+                "checkpointing). The statistics stay exact unless a parameter is used both "
+                "inside and outside a checkpointed block; use "
+                "torch.utils.checkpoint(..., use_reentrant=False) to be sure."
+            )
+        key = id(param)
+        if key in self._fired:
+            # Second partial gradient of one parameter in one pass: ||a||^2 + ||b||^2 != ||a+b||^2.
+            self._warn_split_gradient()
+        self._fired.add(key)
+        self._last_param = param
+        sq = torch.linalg.vector_norm(grad.detach(), dtype=_norm_dtype(grad.dtype)).square()
+        self._micro_sqr.select(0, group_index).add_(sq.to(self._micro_sqr.device, non_blocking=True))
+
+    def _warn_split_gradient(self) -> None:
+        if self._warned_split:
+            return
+        self._warned_split = True
+        logger.warning(
+            "AdaScale: a parameter received two partial gradients in one backward pass "
+            "(it is used both inside and outside a reentrant activation-checkpointed block). "
+            "The variance estimate is then approximate; use "
+            "torch.utils.checkpoint(..., use_reentrant=False)."
+        )
+
+    def _open_pass(self, task_id: int) -> None:
+        if self.passes > 0 and self._grads_were_reset():
+            self.dropped_windows += 1
+            self.reset()
+        self._pass_open = True
+        self._pass_task_id = task_id
+        # Queued on this backward's graph task; it queues the closing step again so that it runs
+        # after the callbacks engines queue later in the same backward (DDP's reduction).
+        Variable._execution_engine.queue_callback(self._queue_close_pass)
+
+    def _queue_close_pass(self) -> None:
+        Variable._execution_engine.queue_callback(self._close_pass)
+
+    def _close_pass(self) -> None:
+        self.passes += 1
+        self._pass_open = False
+        self._fired.clear()
+        self._grad_sqr = grad_sqr_norms(self.groups, self.device)
+        param, self._last_param = self._last_param, None
+        if param is not None and param.grad is not None:
+            self._sentinel = (weakref.ref(param), weakref.ref(param.grad), param.grad._version)
+
+    def _grads_were_reset(self) -> bool:
+        """True if ``.grad`` changed since the last pass closed (zero_grad, no update between)."""
+        if self._sentinel is None:
+            return False
+        param_ref, grad_ref, version = self._sentinel
+        param = param_ref()
+        grad = None if param is None else param.grad
+        return grad is None or grad is not grad_ref() or grad._version != version
+
+    # -- window -------------------------------------------------------------------------------
+    @property
+    def micro_sqr(self) -> torch.Tensor:
+        """Per-group ``sum ||h||^2`` of this rank's hooked gradients in the window (float64)."""
+        return self._micro_sqr
+
+    @property
+    def grad_sqr(self) -> torch.Tensor:
+        """Per-group ``||grad||^2`` of the accumulated ``.grad`` when the last pass closed."""
+        return self._grad_sqr
+
+    def reset(self) -> None:
+        """Start a new window (the optimizer calls this when an update consumes one)."""
+        self.passes = 0
+        self._micro_sqr.zero_()
+        self._sentinel = None

@@ -1,0 +1,25 @@
+"""The one collective AdaScale adds per update: a sum of a few float64 scalars.
+
+This is the only module of the core that touches ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["world_size", "all_reduce_sum"]
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks that average gradients: the group's size, or 1 outside ``torch.distributed``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum ``values`` over the ranks of ``group`` (in place; a no-op on one rank)."""
+    if world_size(group) > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values

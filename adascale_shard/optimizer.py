@@ -1,0 +1,456 @@
+"""The AdaScale optimizer: any ``torch.optim`` optimizer, with its learning rate scaled by the gain."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import estimators
+from .capture import MicroGradCapture
+from .config import AdaScaleConfig
+from .distributed import all_reduce_sum, world_size
+
+__all__ = ["AdaScale", "resolve_optimizer_class", "STATE_DICT_KEY", "STATE_FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+STATE_DICT_KEY = "adascale"
+STATE_FORMAT_VERSION = 1
+
+
+def _torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
+    found = {}
+    for name in dir(torch.optim):
+        obj = getattr(torch.optim, name)
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
+            found[name.lower()] = obj
+    return found
+
+
+def resolve_optimizer_class(optimizer: str | type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """The base optimizer class for a ``torch.optim`` name (case-insensitive) or a class."""
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        if issubclass(optimizer, AdaScale):
+            raise ValueError("optimizer='AdaScale' cannot wrap itself: name a base optimizer such as 'SGD'")
+        return optimizer
+    if isinstance(optimizer, str):
+        known = _torch_optimizers()
+        if optimizer.lower() in known:
+            return known[optimizer.lower()]
+        if optimizer.lower() == "adascale":
+            raise ValueError("optimizer='AdaScale' cannot wrap itself: name a base optimizer such as 'SGD'")
+        names = ", ".join(sorted(cls.__name__ for cls in known.values()))
+        raise ValueError(
+            f"optimizer={optimizer!r} is not a torch.optim optimizer. Use one of: {names} "
+            "(case-insensitive), or pass an optimizer class"
+        )
+    raise TypeError(
+        f"optimizer must be a torch.optim name such as 'SGD' or an Optimizer class, got {optimizer!r}"
+    )
+
+
+class AdaScale(torch.optim.Optimizer):
+    r"""AdaScale: scales the learning rate of any optimizer by the gain estimated each update.
+
+    .. math::
+        r_t = \frac{\sigma^2 + \mu^2}{\sigma^2 / S + \mu^2} \in [1, S], \qquad
+        \eta_t = r_t \cdot \mathrm{lr}(\lfloor \tau_t \rfloor), \qquad \tau_{t+1} = \tau_t + r_t
+
+    where :math:`\sigma^2` (``var``) is the gradient variance at the base batch and
+    :math:`\mu^2` (``sqr``) the squared norm of the true gradient, both estimated from the squared
+    norms of the ``N`` local micro-gradients (taken on each rank before DDP's all-reduce) and of
+    their average, then smoothed by a bias-corrected exponential average.
+
+    Two ways to build it:
+
+    * ``AdaScale(torch.optim.SGD(params, lr=0.1, momentum=0.9), scale=4)`` wraps an optimizer;
+    * ``AdaScale(params, optimizer="SGD", lr=0.1, momentum=0.9)`` builds the base optimizer from
+      a ``torch.optim`` name, the way DeepSpeed's JSON and the HF Trainer's
+      ``optimizer_cls_and_kwargs`` call optimizer classes.
+
+    ``param_groups`` and ``state`` are the base optimizer's (assignment included), so LR
+    schedulers, ``GradScaler`` and engines see one optimizer. ``group["lr"]`` stays the user's:
+    the gain multiplies it only while the base ``step()`` runs.
+
+    **Update protocol.**
+
+    * Hooks on the parameters record every backward pass. The statistics of an update are
+      computed once, at the first ``step()`` after new backward passes, with one all-reduce of a
+      few scalars; ``tau`` then advances by the gain. Further ``step()`` calls with no new backward
+      pass (ZeRO calls ``step()`` once per parameter group; torch's distributed checkpoint calls it
+      with zero gradients to build state) run the base step with the same gain and change nothing
+      of AdaScale's state.
+    * The update window is delimited by backward passes, not by who calls ``zero_grad``
+      (``model.zero_grad()``, as the HF Trainer does, is fine). If the gradients are reset without
+      a ``step()`` (a step that the user or a ``GradScaler`` skipped), that window's statistics are
+      dropped when the next backward pass starts: ``tau`` and the averages stay untouched.
+    * A window whose statistics are not finite (inf/NaN in any micro-gradient) is never folded
+      into the averages; the update is flagged in :meth:`stats` and a warning is logged once.
+    * ``||G||^2`` is taken when the last backward pass ends (after DDP's reduction), so clipping
+      between backward and ``step()`` does not change the statistics.
+    * One micro-gradient per update (one rank, no accumulation) carries no variance information:
+      with ``scale=None`` (``S = N = 1``) the gain is 1; an explicit ``scale > 1`` then raises.
+
+    Args:
+        optimizer (positional): a ``torch.optim.Optimizer`` to wrap, or the parameters (an
+            iterable of tensors or of parameter-group dicts) for the base optimizer named by the
+            ``optimizer`` keyword.
+        optimizer (keyword, str or type): with parameters first, the base optimizer: a
+            ``torch.optim`` name (case-insensitive, default ``"SGD"``) or class.
+        scale (float, optional): ``S = global_batch / base_batch``. ``None`` (default): ``S = N``,
+            the micro-gradients per update (``world_size x accumulation steps``).
+        smoothing (float, optional): EMA weight of the old statistics per update, in ``[0, 1)``.
+            Default ``0.999 ** S``.
+        lr_scaling (str): ``"gain"`` (default, the paper: ``lr * gain``) or ``"sqrt"``
+            (``lr * gain ** 0.5``, for adaptive optimizers; experimental).
+        min_relative_var (float): floor of the variance relative to the squared norm (1e-6).
+        process_group: the data-parallel group (default: the whole world when
+            ``torch.distributed`` is initialised).
+        **base_kwargs: with parameters first, the base optimizer's arguments (``lr``, ...).
+
+    Example::
+
+        >>> model = torch.nn.Linear(10, 1)
+        >>> opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        >>> sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.StepLR(opt, 100))
+        >>> while not opt.budget_spent(1000):
+        ...     for micro_batch in split(next(batches), 4):   # 4 micro-gradients: S = 4
+        ...         (loss_fn(model, micro_batch) / 4).backward()
+        ...     opt.step(); opt.zero_grad(); sched.step()
+
+    .. note::
+        The averages are of the raw unbiased estimates and are clamped only afterwards (the
+        public fairscale implementation clamps each update first, which biases the gain down when
+        noise is high), and the variance floor is relative, so scaling the loss by any constant
+        leaves the gain unchanged.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer | Iterable[Any],
+        /,
+        *,
+        scale: float | None = None,
+        smoothing: float | None = None,
+        lr_scaling: str = "gain",
+        min_relative_var: float = estimators.DEFAULT_MIN_RELATIVE_VAR,
+        process_group: dist.ProcessGroup | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        self.config = AdaScaleConfig(
+            scale=scale, smoothing=smoothing, lr_scaling=lr_scaling, min_relative_var=min_relative_var
+        )
+        self.optimizer = self._build_base(optimizer, base_kwargs)
+        # The hook tables that torch.optim.Optimizer.__init__ would create; the parameters and
+        # their state live in the wrapped optimizer, so its __init__ is not called.
+        self.defaults = self.optimizer.defaults
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+        self.process_group = process_group
+        self._capture = MicroGradCapture([g["params"] for g in self.optimizer.param_groups])
+        if self._capture.num_hooks == 0:
+            raise ValueError(
+                "AdaScale found no parameter that requires a gradient in the optimizer's "
+                "param_groups: unfreeze the parameters before building the optimizer"
+            )
+        num_groups = len(self.optimizer.param_groups)
+        self._tau = 0.0
+        self._gain = 1.0
+        self._updates = 0
+        self._nonfinite_updates = 0
+        self._last_nonfinite = False
+        self._warned_nonfinite = False
+        self._grad_var_avg = [0.0] * num_groups
+        self._grad_sqr_avg = [0.0] * num_groups
+        self._avg_weight = 0.0
+        self._num_micro = 0
+        self._scale = float(scale) if scale is not None else 1.0
+
+    @staticmethod
+    def _build_base(optimizer: Any, base_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+        if isinstance(optimizer, AdaScale):
+            raise TypeError("AdaScale cannot wrap another AdaScale: wrap the base optimizer once")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"AdaScale got base-optimizer arguments {sorted(base_kwargs)} together with an "
+                    "optimizer instance: set them on the instance, or pass the parameters first "
+                    "and name the base optimizer with optimizer='SGD'"
+                )
+            return optimizer
+        if isinstance(optimizer, torch.Tensor):
+            raise TypeError(
+                "AdaScale's first argument must be an optimizer or an iterable of parameters, got a "
+                "single tensor: pass [tensor] or model.parameters()"
+            )
+        base = base_kwargs.pop("optimizer", "SGD")
+        cls = resolve_optimizer_class(base)
+        try:
+            return cls(optimizer, **base_kwargs)
+        except TypeError as err:
+            raise TypeError(
+                f"AdaScale could not build the base optimizer {cls.__name__} with "
+                f"{sorted(base_kwargs)}: {err}. Check the base optimizer's arguments (AdaScale's "
+                f"own are {list(AdaScaleConfig.field_names())})"
+            ) from err
+
+    # -- the base optimizer's groups and state, shared ----------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._capture.add_group(self.optimizer.param_groups[-1]["params"])
+        self._grad_var_avg.append(0.0)
+        self._grad_sqr_avg.append(0.0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return f"AdaScale({self.config}, {self.optimizer!r})"
+
+    # -- public estimator state ---------------------------------------------------------------
+    @property
+    def tau(self) -> float:
+        """Scale-invariant steps taken: the sum of the gains of all updates."""
+        return self._tau
+
+    def gain(self) -> float:
+        """The gain applied at the latest update (1.0 before the first)."""
+        return self._gain
+
+    def budget_spent(self, steps: float) -> bool:
+        """True once ``tau`` reached ``steps``, the step budget tuned at the base batch."""
+        return self._tau >= steps
+
+    def lr_factor(self) -> float:
+        """What ``group["lr"]`` is multiplied by in the base step: the gain, or its square root."""
+        return self._gain if self.config.lr_scaling == "gain" else math.sqrt(self._gain)
+
+    def stats(self) -> dict[str, float]:
+        """Floats for logging: the whole model's ``gain, tau, var, sqr, noise_scale, N, S,
+        effective_lr`` (of group 0), counters, and ``group{i}/...`` values per parameter group.
+
+        ``var`` and ``sqr`` are the smoothed, clamped estimates the gain was computed from, in the
+        units of the gradient; ``noise_scale = var / sqr`` is the gradient noise scale in base
+        batches.
+        """
+        var, sqr = self._averages(range(len(self._grad_var_avg)))
+        factor = self.lr_factor()
+        out = {
+            "gain": self._gain,
+            "tau": self._tau,
+            "var": var,
+            "sqr": sqr,
+            "noise_scale": var / sqr if sqr > 0 else math.inf,
+            "N": float(self._num_micro),
+            "S": float(self._scale),
+            "effective_lr": float(self.param_groups[0]["lr"]) * factor,
+            "updates": float(self._updates),
+            "nonfinite_updates": float(self._nonfinite_updates),
+            "last_update_nonfinite": float(self._last_nonfinite),
+            "dropped_windows": float(self._capture.dropped_windows),
+        }
+        for index in range(len(self._grad_var_avg)):
+            g_var, g_sqr = self._averages([index])
+            out[f"group{index}/var"] = g_var
+            out[f"group{index}/sqr"] = g_sqr
+            out[f"group{index}/gain"] = estimators.gain(g_var, g_sqr, self._scale)
+            if index < len(self.param_groups):
+                out[f"group{index}/effective_lr"] = float(self.param_groups[index]["lr"]) * factor
+        return out
+
+    def _averages(self, groups: Iterable[int]) -> tuple[float, float]:
+        if self._avg_weight == 0.0:
+            return 0.0, 0.0
+        indices = list(groups)
+        var = sum(self._grad_var_avg[i] for i in indices) / self._avg_weight
+        sqr = sum(self._grad_sqr_avg[i] for i in indices) / self._avg_weight
+        return estimators.clamp_averages(var, sqr, self.config.min_relative_var)
+
+    # -- the update ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Update the statistics if new backward passes ran, then run the base step at ``lr * gain``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        new_update = self._capture.passes > 0
+        if new_update:
+            self._update_statistics()
+        factor = self.lr_factor()
+        saved = [group["lr"] for group in self.param_groups]
+        try:
+            for group in self.param_groups:
+                group["lr"] = group["lr"] * factor
+            self.optimizer.step()
+        finally:
+            for group, lr in zip(self.param_groups, saved):
+                group["lr"] = lr
+        if new_update:
+            self._tau += self._gain
+            self._updates += 1
+        return loss
+
+    def _update_statistics(self) -> None:
+        capture = self._capture
+        num_groups = capture.micro_sqr.numel()
+        passes = capture.passes
+        local = torch.cat(
+            [
+                capture.micro_sqr,
+                capture.grad_sqr,
+                torch.tensor([passes, passes * passes], dtype=torch.float64, device=capture.device),
+            ]
+        )
+        all_reduce_sum(local, self.process_group)
+        values = local.tolist()  # the one host synchronisation per update
+        capture.reset()
+        ranks = world_size(self.process_group)
+        micro_sum = values[:num_groups]
+        grad_sqr = [v / ranks for v in values[num_groups : 2 * num_groups]]  # replicated grads
+        passes_sum, passes_sq_sum = values[2 * num_groups :]
+        if abs(passes_sq_sum * ranks - passes_sum**2) > 0.5:
+            raise RuntimeError(
+                f"AdaScale: the ranks ran different numbers of backward passes in one update "
+                f"(total {passes_sum:.0f} over {ranks} ranks). Every rank must run the same "
+                "number of accumulation steps before step()"
+            )
+        num_micro = int(round(passes_sum))
+        passes_per_rank = passes_sum / ranks
+        scale = float(self.config.scale) if self.config.scale is not None else float(num_micro)
+        self._num_micro, self._scale = num_micro, scale
+        if num_micro < 2:
+            if scale > 1:
+                raise ValueError(
+                    f"AdaScale got scale={self.config.scale} but only one micro-gradient per update "
+                    "(one rank, one backward pass): one gradient carries no variance information. "
+                    "Split each batch into at least two micro-batches (gradient accumulation) or "
+                    "train on more ranks, or pass scale=None"
+                )
+            self._gain = 1.0
+            return
+        # Each hooked gradient h is scaled by the passes per rank so that the N micro-gradients
+        # average to the applied gradient G, whatever the loss was divided by.
+        micro_mean = [passes_per_rank / ranks * s for s in micro_sum]
+        self._last_nonfinite = not all(math.isfinite(v) for v in micro_mean + grad_sqr)
+        if self._last_nonfinite:
+            self._nonfinite_updates += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                logger.warning(
+                    "AdaScale: non-finite gradient statistics (inf/NaN in a micro-gradient); this "
+                    "update's statistics were not folded into the averages (counted in "
+                    "stats()['nonfinite_updates'], logged once)"
+                )
+        else:
+            smoothing = self.config.smoothing
+            if smoothing is None:
+                smoothing = estimators.default_smoothing(scale)
+            weight = self._avg_weight
+            for index in range(num_groups):
+                est = estimators.estimate(micro_mean[index], grad_sqr[index], num_micro, scale)
+                self._grad_var_avg[index], weight = estimators.ema_update(
+                    self._grad_var_avg[index], self._avg_weight, est.grad_var, smoothing
+                )
+                self._grad_sqr_avg[index], _ = estimators.ema_update(
+                    self._grad_sqr_avg[index], self._avg_weight, est.grad_sqr, smoothing
+                )
+            self._avg_weight = weight
+        var, sqr = self._averages(range(num_groups))
+        self._gain = estimators.gain(var, sqr, scale)
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's ``state`` and ``param_groups``, plus AdaScale's estimator under
+        ``"adascale"``: ``format_version, tau, gain, updates, nonfinite_updates, grad_var_avg,
+        grad_sqr_avg`` (per group, un-normalised), ``avg_weight``, ``num_micro, scale`` and
+        ``config``.
+
+        Statistics of backward passes not yet consumed by a ``step()`` are not saved, just as
+        no checkpoint saves the pending ``.grad``; a resumed run starts a fresh window.
+        """
+        state = dict(self.optimizer.state_dict())
+        state[STATE_DICT_KEY] = {
+            "format_version": STATE_FORMAT_VERSION,
+            "tau": self._tau,
+            "gain": self._gain,
+            "updates": self._updates,
+            "nonfinite_updates": self._nonfinite_updates,
+            "grad_var_avg": list(self._grad_var_avg),
+            "grad_sqr_avg": list(self._grad_sqr_avg),
+            "avg_weight": self._avg_weight,
+            "num_micro": self._num_micro,
+            "scale": self._scale,
+            "config": {
+                "scale": self.config.scale,
+                "smoothing": self.config.smoothing,
+                "lr_scaling": self.config.lr_scaling,
+                "min_relative_var": self.config.min_relative_var,
+            },
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict`. A plain base-optimizer state dict (no ``"adascale"`` key)
+        loads too and starts a fresh estimator. The current ``scale`` and ``smoothing`` win over
+        the saved ones: the averages describe the model and the base batch, not the scale, so an
+        elastic resume at another scale carries them over unchanged."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(STATE_DICT_KEY, None)
+        self.optimizer.load_state_dict(state_dict)
+        self._capture.reset()
+        if saved is None:
+            logger.info("AdaScale: loaded a base-optimizer state dict; the estimator starts fresh")
+            return
+        version = saved.get("format_version")
+        if version != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"AdaScale state format_version {version!r} is not supported by this version "
+                f"(expects {STATE_FORMAT_VERSION}): load it with the adascale-shard release that "
+                "saved it"
+            )
+        num_groups = len(self.optimizer.param_groups)
+        if len(saved["grad_var_avg"]) != num_groups:
+            raise ValueError(
+                f"AdaScale state has {len(saved['grad_var_avg'])} parameter groups but the "
+                f"optimizer has {num_groups}: build the optimizer with the same groups as the run "
+                "that saved it"
+            )
+        self._tau = float(saved["tau"])
+        self._gain = float(saved["gain"])
+        self._updates = int(saved["updates"])
+        self._nonfinite_updates = int(saved["nonfinite_updates"])
+        self._grad_var_avg = [float(v) for v in saved["grad_var_avg"]]
+        self._grad_sqr_avg = [float(v) for v in saved["grad_sqr_avg"]]
+        self._avg_weight = float(saved["avg_weight"])
+        self._num_micro = int(saved["num_micro"])
+        self._scale = float(saved["scale"])
