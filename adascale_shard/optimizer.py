@@ -421,7 +421,7 @@ class AdaScale(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load a :meth:`state_dict`. A plain base-optimizer state dict (no ``"adascale"`` key)
-        loads too and starts a fresh estimator. The current ``scale`` and ``smoothing`` win over
+        loads too and leaves the estimator as it is (fresh on a new optimizer). The current ``scale`` and ``smoothing`` win over
         the saved ones: the averages describe the model and the base batch, not the scale, so an
         elastic resume at another scale carries them over unchanged."""
         state_dict = dict(state_dict)
@@ -429,7 +429,7 @@ class AdaScale(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict)
         self._capture.reset()
         if saved is None:
-            logger.info("AdaScale: loaded a base-optimizer state dict; the estimator starts fresh")
+            logger.info("AdaScale: loaded a base-optimizer state dict; the estimator state is unchanged")
             return
         version = saved.get("format_version")
         if version != STATE_FORMAT_VERSION:

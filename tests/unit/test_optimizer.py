@@ -1,0 +1,399 @@
+"""The AdaScale optimizer in one process: construction, the update protocol, state."""
+
+import copy
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adascale_shard import AdaScale, ScaleInvariantScheduler
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return model
+
+
+def micro_batches(update, k, size=8, seed=1234):
+    gen = torch.Generator().manual_seed(seed + update)
+    return [(torch.randn(size, 6, generator=gen), torch.randn(size, 1, generator=gen)) for _ in range(k)]
+
+
+def accumulate(model, batches, loss_scale=1.0):
+    for x, y in batches:
+        loss = torch.nn.functional.mse_loss(model(x), y) / len(batches)
+        (loss * loss_scale).backward()
+
+
+def train(model, opt, updates, k=4, start=0, clip=None, loss_scale=1.0):
+    trace = []
+    for u in range(start, start + updates):
+        accumulate(model, micro_batches(u, k), loss_scale)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        trace.append((opt.gain(), opt.tau))
+    return trace
+
+
+# -- construction --------------------------------------------------------------------------------
+def test_wrap_and_params_first_build_the_same_optimizer():
+    m1, m2 = make_model(), make_model()
+    a = AdaScale(torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9))
+    b = AdaScale(m2.parameters(), optimizer="sgd", lr=0.1, momentum=0.9)
+    assert isinstance(b.optimizer, torch.optim.SGD)
+    assert b.param_groups[0]["momentum"] == 0.9
+    assert train(m1, a, 3) == train(m2, b, 3)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_params_first_defaults_to_sgd_and_accepts_classes_and_groups():
+    m = make_model()
+    opt = AdaScale(m.parameters(), lr=0.1)
+    assert type(opt.optimizer) is torch.optim.SGD
+    groups = [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 0.01}]
+    opt = AdaScale(groups, optimizer=torch.optim.AdamW, lr=1e-3, scale=2)
+    assert type(opt.optimizer) is torch.optim.AdamW and len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"optimizer": "Lion"}, ValueError, "not a torch.optim optimizer.*SGD"),
+        ({"optimizer": "AdaScale"}, ValueError, "cannot wrap itself"),
+        ({"optimizer": 3}, TypeError, "torch.optim name"),
+        ({"optimizer": "SGD", "lr": 0.1, "betas": (0.9, 0.99)}, TypeError, "could not build the base optimizer SGD"),
+        ({"lr": 0.1, "scale": 0.5}, ValueError, "scale=0.5 is impossible"),
+        ({"lr": 0.1, "scale": "4"}, TypeError, "scale must be a number"),
+        ({"lr": 0.1, "scale": math.inf}, ValueError, "finite number >= 1"),
+        ({"lr": 0.1, "smoothing": 1.0}, ValueError, r"smoothing=1.0 is out of range.*\[0, 1\)"),
+        ({"lr": 0.1, "lr_scaling": "linear"}, ValueError, "lr_scaling='linear' is unknown"),
+        ({"lr": 0.1, "min_relative_var": -1}, ValueError, "min_relative_var"),
+    ],
+)
+def test_bad_input_names_the_setting(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AdaScale(make_model().parameters(), **kwargs)
+
+
+def test_wrapping_an_instance_refuses_base_kwargs_and_double_wrapping():
+    sgd = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="set them on the instance"):
+        AdaScale(sgd, lr=0.2)
+    with pytest.raises(TypeError, match="cannot wrap another AdaScale"):
+        AdaScale(AdaScale(sgd))
+    with pytest.raises(TypeError, match="single tensor"):
+        AdaScale(torch.zeros(2, requires_grad=True))
+
+
+def test_frozen_model_is_refused():
+    m = make_model()
+    m.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter that requires a gradient"):
+        AdaScale(m.parameters(), lr=0.1)
+
+
+def test_import_is_light():
+    code = "import sys, adascale_shard; print(sorted(m for m in ('deepspeed','transformers','accelerate','datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# -- one optimizer for everybody -----------------------------------------------------------------
+def test_param_groups_and_state_are_the_base_optimizers():
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    assert opt.param_groups is opt.optimizer.param_groups
+    train(m, opt, 1)
+    assert opt.state is opt.optimizer.state and len(opt.state) == 4
+    new_groups = [dict(g) for g in opt.param_groups]  # ZeRO assigns param_groups
+    opt.param_groups = new_groups
+    assert opt.optimizer.param_groups is new_groups
+    assert isinstance(opt, torch.optim.Optimizer)
+
+
+def test_lr_times_gain_is_applied_and_lr_is_left_alone():
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1))
+    accumulate(m, micro_batches(0, 4))
+    before = [p.detach().clone() for p in m.parameters()]
+    grads = [p.grad.clone() for p in m.parameters()]
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert opt.gain() > 1.0
+    for p, p0, g in zip(m.parameters(), before, grads):
+        torch.testing.assert_close(p0 - p, 0.1 * opt.gain() * g)
+    assert opt.stats()["effective_lr"] == pytest.approx(0.1 * opt.gain())
+
+
+def test_sqrt_rule_uses_the_square_root_of_the_gain():
+    m1, m2 = make_model(), make_model()
+    a = AdaScale(torch.optim.AdamW(m1.parameters(), lr=1e-2))
+    b = AdaScale(torch.optim.AdamW(m2.parameters(), lr=1e-2), lr_scaling="sqrt")
+    train(m1, a, 1)
+    train(m2, b, 1)
+    assert a.gain() == pytest.approx(b.gain())
+    assert b.lr_factor() == pytest.approx(math.sqrt(b.gain()))
+    assert b.stats()["effective_lr"] == pytest.approx(1e-2 * math.sqrt(b.gain()))
+
+
+def test_lr_scheduler_and_grad_scaler_see_one_optimizer():
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for u in range(2):
+        for x, y in micro_batches(u, 4):
+            scaler.scale(torch.nn.functional.mse_loss(m(x), y) / 4).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        sched.step()
+    assert opt.stats()["updates"] == 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
+
+
+# -- the update protocol -------------------------------------------------------------------------
+def test_step_without_backward_changes_nothing():
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1))
+    train(m, opt, 2)
+    before = copy.deepcopy(opt.state_dict()["adascale"])
+    accumulate(m, micro_batches(9, 2))
+    opt.step()
+    tau, gain = opt.tau, opt.gain()
+    opt.step()  # again, no new backward (ZeRO's per-group calls, DCP's zero-grad step)
+    opt.zero_grad()
+    opt.step()
+    assert (opt.tau, opt.gain()) == (tau, gain)
+    assert opt.stats()["updates"] == before["updates"] + 1
+
+
+@pytest.mark.parametrize("reset", ["set_to_none", "zeros", "model_zero_grad"])
+def test_a_skipped_step_drops_its_window(reset):
+    """Backward, gradients reset without step() (a skipped step), backward, step: only the second
+    window counts, as if the first never happened."""
+    m1, m2 = make_model(), make_model()
+    skipped = AdaScale(torch.optim.SGD(m1.parameters(), lr=0.1))
+    clean = AdaScale(torch.optim.SGD(m2.parameters(), lr=0.1))
+    accumulate(m1, micro_batches(100, 4))
+    if reset == "set_to_none":
+        skipped.zero_grad(set_to_none=True)
+    elif reset == "zeros":
+        skipped.zero_grad(set_to_none=False)
+    else:
+        m1.zero_grad()
+    assert skipped.tau == 0.0
+    train(m1, skipped, 2)
+    train(m2, clean, 2)
+    assert (skipped.gain(), skipped.tau) == (clean.gain(), clean.tau)
+    assert skipped.stats()["dropped_windows"] == 1
+    assert skipped.stats()["N"] == 4
+
+
+def test_grad_scaler_skipped_step_leaves_tau_and_averages():
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    train(m, opt, 2)
+    saved = copy.deepcopy(opt.state_dict()["adascale"])
+    x, y = micro_batches(50, 1)[0]
+    x[0, 0] = math.inf  # overflow: GradScaler finds inf and skips step()
+    for xb, yb in [(x, y)] + micro_batches(51, 1):
+        scaler.scale(torch.nn.functional.mse_loss(m(xb), yb)).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    assert scaler.get_scale() < 2.0**10  # the step was skipped
+    now = opt.state_dict()["adascale"]
+    assert now == saved
+    train(m, opt, 1, start=60)  # the next window is clean and counted
+    assert opt.stats()["N"] == 4 and opt.stats()["nonfinite_updates"] == 0
+    assert opt.stats()["dropped_windows"] == 1
+
+
+def test_nonfinite_statistics_are_never_folded(caplog):
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1))
+    train(m, opt, 2)
+    averages = copy.deepcopy(opt.state_dict()["adascale"])
+    batches = micro_batches(70, 4)
+    batches[1][0][0, 0] = math.nan
+
+    def poisoned_update():
+        accumulate(m, batches)
+        for p in m.parameters():  # the gradients are sanitised; the hooks saw the NaN
+            p.grad.nan_to_num_(0.0, posinf=0.0, neginf=0.0)
+        opt.step()
+        opt.zero_grad()
+
+    with caplog.at_level(logging.WARNING):
+        poisoned_update()
+        poisoned_update()
+    after = opt.state_dict()["adascale"]
+    assert after["grad_var_avg"] == averages["grad_var_avg"]
+    assert after["avg_weight"] == averages["avg_weight"]
+    assert after["nonfinite_updates"] == 2
+    assert opt.stats()["last_update_nonfinite"] == 1.0
+    assert math.isfinite(opt.gain()) and opt.gain() == averages["gain"]
+    assert sum("non-finite" in r.message for r in caplog.records) == 1  # logged once
+    train(m, opt, 1, start=80)
+    assert opt.stats()["last_update_nonfinite"] == 0.0
+
+
+def test_clipping_between_backward_and_step_leaves_the_statistics():
+    m1, m2 = make_model(), make_model()
+    a = AdaScale(torch.optim.SGD(m1.parameters(), lr=0.1))
+    b = AdaScale(torch.optim.SGD(m2.parameters(), lr=0.1))
+    accumulate(m1, micro_batches(0, 4))
+    accumulate(m2, micro_batches(0, 4))
+    norm = torch.nn.utils.clip_grad_norm_(m2.parameters(), 1e-3)
+    assert norm > 1e-2  # the clip really changed the gradients
+    a.step()
+    b.step()
+    sa, sb = a.stats(), b.stats()
+    for key in ("gain", "tau", "var", "sqr"):
+        assert sa[key] == sb[key]
+
+
+def test_loss_scale_does_not_change_the_gain():
+    m1, m2 = make_model(), make_model()
+    a = AdaScale(torch.optim.SGD(m1.parameters(), lr=0.0))
+    b = AdaScale(torch.optim.SGD(m2.parameters(), lr=0.0))
+    ta = train(m1, a, 3)
+    tb = train(m2, b, 3, loss_scale=4096.0)
+    for (ga, _), (gb, _) in zip(ta, tb):
+        assert ga == pytest.approx(gb, rel=1e-5)
+    assert b.stats()["var"] == pytest.approx(4096.0**2 * a.stats()["var"], rel=1e-5)
+
+
+def test_frozen_and_unused_parameters_do_not_change_the_count():
+    torch.manual_seed(0)
+    model = make_model()
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    unused = torch.nn.Parameter(torch.ones(3))
+    opt = AdaScale([{"params": list(model.parameters()) + [frozen, unused]}], lr=0.1)
+    ref_model = make_model()
+    ref = AdaScale(ref_model.parameters(), lr=0.1)
+    assert train(model, opt, 2, k=3) == train(ref_model, ref, 2, k=3)
+    assert opt.stats()["N"] == 3
+
+
+def test_one_micro_gradient():
+    m = make_model()
+    opt = AdaScale(m.parameters(), lr=0.1)
+    train(m, opt, 3, k=1)
+    assert opt.gain() == 1.0 and opt.tau == 3.0 and opt.stats()["S"] == 1.0
+    m = make_model()
+    opt = AdaScale(m.parameters(), lr=0.1, scale=4)
+    accumulate(m, micro_batches(0, 1))
+    with pytest.raises(ValueError, match="only one micro-gradient per update.*at least two micro-batches"):
+        opt.step()
+
+
+def test_explicit_scale_converts_to_the_base_batch():
+    m1, m2 = make_model(), make_model()
+    a = AdaScale(m1.parameters(), lr=0.0)  # S = N = 4
+    b = AdaScale(m2.parameters(), lr=0.0, scale=2.0)  # base batch = two micro-batches
+    train(m1, a, 1)
+    train(m2, b, 1)
+    assert b.stats()["S"] == 2.0
+    assert b.stats()["var"] == pytest.approx(a.stats()["var"] / 2)
+    assert b.stats()["sqr"] == pytest.approx(a.stats()["sqr"])
+    assert 1.0 <= b.gain() <= 2.0
+
+
+def test_add_param_group_is_hooked():
+    m = make_model()
+    opt = AdaScale(m[0].parameters(), lr=0.1)
+    opt.add_param_group({"params": m[2].parameters()})
+    train(m, opt, 1)
+    state = opt.state_dict()["adascale"]
+    assert len(state["grad_var_avg"]) == 2 and all(v != 0.0 for v in state["grad_var_avg"])
+    assert opt.stats()["group1/var"] > 0
+
+
+# -- state ---------------------------------------------------------------------------------------
+def test_state_dict_round_trip_continues_identically():
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    train(m, opt, 3)
+    saved_model = copy.deepcopy(m.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    uninterrupted = train(m, opt, 3, start=3)
+
+    m2 = make_model(seed=99)
+    m2.load_state_dict(saved_model)
+    opt2 = AdaScale(torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9))
+    opt2.load_state_dict(saved_opt)
+    assert opt2.state_dict()["adascale"] == saved_opt["adascale"]
+    resumed = train(m2, opt2, 3, start=3)
+    assert resumed == uninterrupted  # bitwise
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    keys = set(saved_opt["adascale"])
+    assert {"format_version", "tau", "gain", "grad_var_avg", "grad_sqr_avg", "avg_weight"} <= keys
+
+
+def test_load_state_dict_errors_and_plain_optimizer_state():
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    train(m, opt, 1)
+    plain = torch.optim.SGD(make_model().parameters(), lr=0.1, momentum=0.9).state_dict()
+    tau = opt.tau
+    opt.load_state_dict(plain)  # migrating from a run without AdaScale: base state replaced
+    assert opt.tau == tau and len(opt.state) == 0
+    bad = opt.state_dict()
+    bad["adascale"]["format_version"] = 99
+    with pytest.raises(ValueError, match="format_version 99"):
+        opt.load_state_dict(bad)
+    two_groups = AdaScale([{"params": m[0].parameters()}, {"params": m[2].parameters()}], lr=0.1)
+    with pytest.raises(ValueError, match="parameter groups"):
+        two_groups.load_state_dict(opt.state_dict())
+
+
+# -- schedules -----------------------------------------------------------------------------------
+def test_scheduler_is_read_at_floor_tau():
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=1.0))
+    lam = lambda step: 0.9**step  # noqa: E731
+    sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, lam))
+    seen = []
+    for u in range(5):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lam(math.floor(opt.tau)))
+        accumulate(m, micro_batches(u, 4))
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        seen.append(sched.last_epoch)
+        assert sched.last_epoch == math.floor(opt.tau)
+    assert seen[-1] > 5  # gains > 1 moved the schedule faster than the updates
+    assert sched.get_last_lr()[0] == pytest.approx(lam(seen[-1]))
+
+
+def test_scheduler_adapter_checks_its_inputs():
+    m = make_model()
+    opt = AdaScale(m.parameters(), lr=0.1)
+    sgd = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="AdaScale"):
+        ScaleInvariantScheduler(sgd, torch.optim.lr_scheduler.StepLR(sgd, 1))
+    with pytest.raises(ValueError, match="another optimizer"):
+        ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.StepLR(sgd, 1))
+    with pytest.raises(TypeError, match="count steps"):
+        ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+
+
+def test_budget():
+    m = make_model()
+    opt = AdaScale(m.parameters(), lr=0.05)
+    updates = 0
+    while not opt.budget_spent(20):
+        train(m, opt, 1, start=updates)
+        updates += 1
+    assert opt.tau >= 20 and updates < 20
