@@ -124,11 +124,10 @@ class MicroGradCapture:
             self._open_pass(task_id)
         elif task_id != self._pass_task_id and not self._warned_reentrant:
             self._warned_reentrant = True
-            logger.warning(
+            # Exact as long as no parameter is split across the nested passes (warned below).
+            logger.info(
                 "AdaScale: a backward pass ran inside another (reentrant activation "
-                "checkpointing). The statistics stay exact unless a parameter is used both "
-                "inside and outside a checkpointed block; use "
-                "torch.utils.checkpoint(..., use_reentrant=False) to be sure."
+                "checkpointing); its gradients count towards the outer pass"
             )
         key = id(param)
         if key in self._fired:
