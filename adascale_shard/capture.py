@@ -40,8 +40,11 @@ def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.devic
     for index, params in enumerate(groups):
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
-            if p.grad is not None:
-                by_dtype.setdefault(_norm_dtype(p.grad.dtype), []).append(p.grad.detach())
+            grad = p.grad
+            if grad is not None:
+                # A DTensor (FSDP2) contributes its local shard; the shards are summed over ranks.
+                local = grad.to_local() if hasattr(grad, "to_local") else grad
+                by_dtype.setdefault(_norm_dtype(local.dtype), []).append(local.detach())
         for dtype, grads in by_dtype.items():
             norms = torch._foreach_norm(grads, 2, dtype=dtype)
             total = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
@@ -59,11 +62,20 @@ class MicroGradCapture:
 
     Args:
         groups: the parameters of each optimizer parameter group; those that require gradients
-            get a hook.
+            get a hook, and their ``.grad`` gives ``||G||^2``.
+        hook: ``False`` registers no hook; an engine module then hooks the tensors that really
+            receive the local micro-gradients with :meth:`hook_parameter` (FSDP2's unsharded
+            parameters).
+
+    Attributes:
+        sharded_grads (bool): ``False`` when every rank holds the full averaged ``.grad`` (one
+            process, DDP): ``||G||^2`` is then taken from one rank. ``True`` when each rank holds
+            a shard (FSDP2, ZeRO): the per-rank squares are summed over ranks.
     """
 
-    def __init__(self, groups: Sequence[Sequence[torch.Tensor]]) -> None:
+    def __init__(self, groups: Sequence[Sequence[torch.Tensor]], *, hook: bool = True) -> None:
         self.groups: list[list[torch.Tensor]] = []
+        self.sharded_grads = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.device: torch.device | None = None
         self._micro_sqr: torch.Tensor | None = None
@@ -78,18 +90,19 @@ class MicroGradCapture:
         self._warned_reentrant = False
         self._warned_split = False
         for params in groups:
-            self.add_group(params)
+            self.add_group(params, hook=hook)
 
     # -- hooks --------------------------------------------------------------------------------
-    def add_group(self, params: Sequence[torch.Tensor]) -> None:
+    def add_group(self, params: Sequence[torch.Tensor], *, hook: bool = True) -> None:
+        """Add a parameter group (its ``.grad`` counts in ``||G||^2``), hooked unless ``hook=False``."""
         index = len(self.groups)
         params = list(params)
         self.groups.append(params)
         for p in params:
             if self.device is None:
                 self.device = p.device
-            if p.requires_grad:
-                self._handles.append(p.register_hook(self._make_hook(index, p)))
+            if hook and p.requires_grad:
+                self.hook_parameter(p, index)
         if self.device is not None:
             self._micro_sqr = self._grow(self._micro_sqr)
             self._grad_sqr = self._grow(self._grad_sqr)
@@ -99,6 +112,12 @@ class MicroGradCapture:
         if acc is not None:
             new[: acc.numel()] = acc
         return new
+
+    def hook_parameter(self, param: torch.Tensor, group_index: int) -> torch.utils.hooks.RemovableHandle:
+        """Record every gradient that backward computes for ``param`` into group ``group_index``."""
+        handle = param.register_hook(self._make_hook(group_index, param))
+        self._handles.append(handle)
+        return handle
 
     def _make_hook(self, group_index: int, param: torch.Tensor):
         param_ref = weakref.ref(param)

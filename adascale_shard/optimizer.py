@@ -336,7 +336,9 @@ class AdaScale(torch.optim.Optimizer):
         capture.reset()
         ranks = world_size(self.process_group)
         micro_sum = values[:num_groups]
-        grad_sqr = [v / ranks for v in values[num_groups : 2 * num_groups]]  # replicated grads
+        grad_sqr = values[num_groups : 2 * num_groups]
+        if not capture.sharded_grads:  # every rank contributed the same full ||G||^2
+            grad_sqr = [v / ranks for v in grad_sqr]
         passes_sum, passes_sq_sum = values[2 * num_groups :]
         if abs(passes_sq_sum * ranks - passes_sum**2) > 0.5:
             raise RuntimeError(
