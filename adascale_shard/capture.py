@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.autograd import Variable
@@ -71,11 +71,25 @@ class MicroGradCapture:
         sharded_grads (bool): ``False`` when every rank holds the full averaged ``.grad`` (one
             process, DDP): ``||G||^2`` is then taken from one rank. ``True`` when each rank holds
             a shard (FSDP2, ZeRO): the per-rank squares are summed over ranks.
+        snapshot_on_close (bool): take ``||G||^2`` from the ``.grad`` of ``groups`` when a pass
+            closes (default). An engine that reduces gradients after autograd returns (DeepSpeed)
+            turns it off and supplies the value with :meth:`snapshot_grad_sqr` or ``grad_sqr_fn``.
+        detect_reset (bool): drop a window whose ``.grad`` was reset before the next pass
+            (default). An engine that frees or moves ``.grad`` itself after every pass (ZeRO)
+            turns it off and ends skipped windows itself.
+        grad_sqr_fn: if set, called at ``step()`` to give ``||G||^2`` per group (float64 tensor).
+        loss_scale (float): the factor the loss was multiplied by in this window's backward
+            passes (an fp16 loss scale); the hooked squares are divided by its square, so they
+            are in the units of an unscaled ``||G||^2``.
     """
 
     def __init__(self, groups: Sequence[Sequence[torch.Tensor]], *, hook: bool = True) -> None:
         self.groups: list[list[torch.Tensor]] = []
         self.sharded_grads = False
+        self.snapshot_on_close = True
+        self.detect_reset = True
+        self.grad_sqr_fn: Callable[[], torch.Tensor] | None = None
+        self.loss_scale = 1.0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.device: torch.device | None = None
         self._micro_sqr: torch.Tensor | None = None
@@ -113,17 +127,26 @@ class MicroGradCapture:
             new[: acc.numel()] = acc
         return new
 
-    def hook_parameter(self, param: torch.Tensor, group_index: int) -> torch.utils.hooks.RemovableHandle:
-        """Record every gradient that backward computes for ``param`` into group ``group_index``."""
-        handle = param.register_hook(self._make_hook(group_index, param))
+    def hook_parameter(
+        self, param: torch.Tensor, group_index: int, *, owner: torch.Tensor | None = None
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Record every gradient that backward computes for ``param`` into group ``group_index``.
+
+        ``owner`` is the tensor whose ``.grad`` ends up holding what ``param`` receives (default
+        ``param``); FSDP2 hooks the unsharded parameter, whose ``.grad`` it clears after the
+        reduce-scatter, and names the sharded parameter here. Its ``.grad`` is what tells a
+        ``zero_grad`` between two passes.
+        """
+        handle = param.register_hook(self._make_hook(group_index, param, owner))
         self._handles.append(handle)
         return handle
 
-    def _make_hook(self, group_index: int, param: torch.Tensor):
+    def _make_hook(self, group_index: int, param: torch.Tensor, owner: torch.Tensor | None = None):
         param_ref = weakref.ref(param)
+        owner_ref = param_ref if owner is None else weakref.ref(owner)
 
         def hook(grad: torch.Tensor) -> None:
-            self._on_micro_grad(group_index, param_ref(), grad)
+            self._on_micro_grad(group_index, param_ref(), grad, owner_ref())
 
         return hook
 
@@ -137,7 +160,13 @@ class MicroGradCapture:
     def num_hooks(self) -> int:
         return len(self._handles)
 
-    def _on_micro_grad(self, group_index: int, param: torch.Tensor | None, grad: torch.Tensor) -> None:
+    def _on_micro_grad(
+        self,
+        group_index: int,
+        param: torch.Tensor | None,
+        grad: torch.Tensor,
+        owner: torch.Tensor | None = None,
+    ) -> None:
         task_id = torch._C._current_graph_task_id()
         if not self._pass_open:
             self._open_pass(task_id)
@@ -153,7 +182,7 @@ class MicroGradCapture:
             # Second partial gradient of one parameter in one pass: ||a||^2 + ||b||^2 != ||a+b||^2.
             self._warn_split_gradient()
         self._fired.add(key)
-        self._last_param = param
+        self._last_param = param if owner is None else owner
         sq = torch.linalg.vector_norm(grad.detach(), dtype=_norm_dtype(grad.dtype)).square()
         self._micro_sqr.select(0, group_index).add_(sq.to(self._micro_sqr.device, non_blocking=True))
 
@@ -169,7 +198,7 @@ class MicroGradCapture:
         )
 
     def _open_pass(self, task_id: int) -> None:
-        if self.passes > 0 and self._grads_were_reset():
+        if self.detect_reset and self.passes > 0 and self._grads_were_reset():
             self.dropped_windows += 1
             self.reset()
         self._pass_open = True
@@ -185,7 +214,8 @@ class MicroGradCapture:
         self.passes += 1
         self._pass_open = False
         self._fired.clear()
-        self._grad_sqr = grad_sqr_norms(self.groups, self.device)
+        if self.snapshot_on_close:
+            self.snapshot_grad_sqr()
         param, self._last_param = self._last_param, None
         if param is not None and param.grad is not None:
             self._sentinel = (weakref.ref(param), weakref.ref(param.grad), param.grad._version)
@@ -207,8 +237,14 @@ class MicroGradCapture:
 
     @property
     def grad_sqr(self) -> torch.Tensor:
-        """Per-group ``||grad||^2`` of the accumulated ``.grad`` when the last pass closed."""
+        """Per-group ``||G||^2`` of this update (this rank's share when ``sharded_grads``)."""
+        if self.grad_sqr_fn is not None:
+            return self.grad_sqr_fn()
         return self._grad_sqr
+
+    def snapshot_grad_sqr(self) -> None:
+        """Take ``||G||^2`` from the ``.grad`` of the groups now (no host synchronisation)."""
+        self._grad_sqr = grad_sqr_norms(self.groups, self.device)
 
     def reset(self) -> None:
         """Start a new window (the optimizer calls this when an update consumes one)."""

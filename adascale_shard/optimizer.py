@@ -160,8 +160,17 @@ class AdaScale(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
 
         self.process_group = process_group
-        self._capture = MicroGradCapture([g["params"] for g in self.optimizer.param_groups])
-        if self._capture.num_hooks == 0:
+        self._fsdp2_hooks = None  # set by attach(model) on FSDP2
+        self._seen_backward = False
+        from .fsdp2 import build_capture, has_dtensor_params
+
+        if has_dtensor_params(self.optimizer.param_groups):
+            # FSDP2's sharded DTensor parameters never see a gradient hook fire: no hooks here,
+            # the unsharded parameters are hooked by attach(model); ||G||^2 is summed over ranks.
+            self._capture = build_capture(self.optimizer.param_groups)
+        else:
+            self._capture = MicroGradCapture([g["params"] for g in self.optimizer.param_groups])
+        if self._capture.num_hooks == 0 and not self._capture.sharded_grads:
             raise ValueError(
                 "AdaScale found no parameter that requires a gradient in the optimizer's "
                 "param_groups: unfreeze the parameters before building the optimizer"
@@ -226,12 +235,38 @@ class AdaScale(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
-        self._capture.add_group(self.optimizer.param_groups[-1]["params"])
+        if len(self._capture.groups) != len(self.optimizer.param_groups) - 1:
+            raise RuntimeError(
+                "add_param_group() is not supported once an engine has regrouped AdaScale's "
+                "statistics (DeepSpeed ZeRO): add the group before deepspeed.initialize"
+            )
+        from .fsdp2 import has_dtensor_params
+
+        new_group = self.optimizer.param_groups[-1]
+        self._capture.add_group(new_group["params"], hook=not has_dtensor_params([new_group]))
         self._grad_var_avg.append(0.0)
         self._grad_sqr_avg.append(0.0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def attach(self, model: torch.nn.Module) -> Any:
+        """FSDP2: hook the statistics into ``model``, a module tree ``fully_shard`` was applied to.
+
+        Required on FSDP2 (not for one process, DDP or DeepSpeed): FSDP2 computes gradients on
+        unsharded copies of the parameters, which exist only while a ``fully_shard`` module runs.
+        Call it once, after ``fully_shard`` (or ``accelerator.prepare``) and before the first
+        forward. It registers a forward pre-hook on each ``fully_shard`` module; each time such a
+        module runs, the hook puts a gradient hook on any of its unsharded parameters not yet
+        hooked, so the hooks attach during the first forward and survive a later swap of the
+        optimizer's parameters. A ``step()`` that finds FSDP2 gradients but no recorded backward
+        pass (``attach`` never called) raises ``RuntimeError``. Returns the hooks' handle
+        (``.remove()``); see :mod:`adascale_shard.fsdp2`.
+        """
+        from .fsdp2 import attach
+
+        self._fsdp2_hooks = attach(self, model)
+        return self._fsdp2_hooks
 
     def __repr__(self) -> str:
         return f"AdaScale({self.config}, {self.optimizer!r})"
@@ -305,7 +340,12 @@ class AdaScale(torch.optim.Optimizer):
                 loss = closure()
         new_update = self._capture.passes > 0
         if new_update:
+            self._seen_backward = True
             self._update_statistics()
+        elif not self._seen_backward:
+            from .fsdp2 import check_hooks_fired
+
+            check_hooks_fired(self)  # FSDP2 gradients but no recorded pass: attach() missing
         factor = self.lr_factor()
         saved = [group["lr"] for group in self.param_groups]
         try:
@@ -362,7 +402,8 @@ class AdaScale(torch.optim.Optimizer):
             return
         # Each hooked gradient h is scaled by the passes per rank so that the N micro-gradients
         # average to the applied gradient G, whatever the loss was divided by.
-        micro_mean = [passes_per_rank / ranks * s for s in micro_sum]
+        loss_scale_sq = capture.loss_scale**2
+        micro_mean = [passes_per_rank / ranks * s / loss_scale_sq for s in micro_sum]
         self._last_nonfinite = not all(math.isfinite(v) for v in micro_mean + grad_sqr)
         if self._last_nonfinite:
             self._nonfinite_updates += 1
@@ -389,6 +430,26 @@ class AdaScale(torch.optim.Optimizer):
             self._avg_weight = weight
         var, sqr = self._averages(range(num_groups))
         self._gain = estimators.gain(var, sqr, scale)
+
+    def _replace_capture(self, capture: MicroGradCapture) -> None:
+        """For engine integrations: swap the capture (and so the statistics groups) before
+        training starts. The averages restart, one per group of the new capture."""
+        if self._updates or self._capture.passes:
+            raise RuntimeError(
+                "AdaScale's gradient capture can only be replaced before the first backward pass: "
+                "initialise the engine before training"
+            )
+        self._capture.detach()
+        self._capture = capture
+        self._grad_var_avg = [0.0] * len(capture.groups)
+        self._grad_sqr_avg = [0.0] * len(capture.groups)
+
+    def _drop_window(self) -> None:
+        """For engine integrations: the engine skipped this update (fp16 overflow); forget its
+        backward passes so they never reach the averages."""
+        if self._capture.passes:
+            self._capture.dropped_windows += 1
+            self._capture.reset()
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -440,7 +501,7 @@ class AdaScale(torch.optim.Optimizer):
                 f"(expects {STATE_FORMAT_VERSION}): load it with the adascale-shard release that "
                 "saved it"
             )
-        num_groups = len(self.optimizer.param_groups)
+        num_groups = len(self._grad_var_avg)
         if len(saved["grad_var_avg"]) != num_groups:
             raise ValueError(
                 f"AdaScale state has {len(saved['grad_var_avg'])} parameter groups but the "
