@@ -127,7 +127,8 @@ def _check_group(param_group: Any, ranks: int) -> None:
 
     mesh_info = param_group.mesh_info
     name = param_group._module_fqn or "<module>"
-    if isinstance(mesh_info, DDPMeshInfo) or not isinstance(mesh_info, FSDPMeshInfo) or mesh_info.mesh.ndim != 1:
+    plain = isinstance(mesh_info, FSDPMeshInfo) and not isinstance(mesh_info, DDPMeshInfo)
+    if not plain or mesh_info.mesh.ndim != 1:
         raise NotImplementedError(
             f"AdaScale on FSDP2 supports a 1-D device mesh (plain sharding); {name} uses "
             f"{type(mesh_info).__name__} on a {mesh_info.mesh.ndim}-D mesh (HSDP / replicate / "
@@ -155,28 +156,18 @@ class FSDP2Hooks:
     is what the optimizer applies, and what tells a ``zero_grad`` between passes).
     """
 
-    def __init__(self, optimizer: AdaScale, model: nn.Module) -> None:
+    def __init__(self, optimizer: AdaScale, states: Sequence[Any]) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
         from .distributed import world_size
 
         self._optimizer_ref = weakref.ref(optimizer)
         self._ranks = world_size(optimizer.process_group)
-        self._states = _fsdp_states(model)
-        if not self._states:
-            raise ValueError(
-                f"AdaScale.attach: {type(model).__name__} has no fully_shard module. attach() is for "
-                "FSDP2: apply torch.distributed.fsdp.fully_shard first (or call it after "
-                "accelerator.prepare); DDP and single-process training need no attach()"
-            )
-        for state in self._states:
-            for param_group in state._fsdp_param_groups:
-                _check_group(param_group, self._ranks)
+        self._states = list(states)
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._group_of: dict[int, int] = {}
         self._signature: tuple[tuple[int, int], ...] = ()
         self._sync_groups(optimizer)
-        self._check_optimizer_params_are_sharded(optimizer)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for state in self._states:
             for module in state._modules:
@@ -200,27 +191,6 @@ class FSDP2Hooks:
                 capture.groups[index] = list(group["params"])
         self._group_of = {id(p): index for index, g in enumerate(groups) for p in g["params"]}
         self._signature = signature
-
-    def _check_optimizer_params_are_sharded(self, optimizer: AdaScale) -> None:
-        sharded = {
-            id(fsdp_param.sharded_param)
-            for state in self._states
-            for param_group in state._fsdp_param_groups
-            for fsdp_param in param_group.fsdp_params
-        }
-        foreign = [
-            tuple(p.shape)
-            for g in optimizer.param_groups
-            for p in g["params"]
-            if p.requires_grad and id(p) not in sharded
-        ]
-        if foreign:
-            raise ValueError(
-                f"AdaScale.attach: {len(foreign)} of the optimizer's parameters (shapes "
-                f"{foreign[:4]}) are not the sharded parameters of the fully_shard modules of this "
-                "model. Build the optimizer from model.parameters() after fully_shard(model), or "
-                "let accelerator.prepare swap them, then attach the same model"
-            )
 
     # -- hooks --------------------------------------------------------------------------------
     def _make_pre_forward(self, state: Any):
@@ -269,24 +239,62 @@ class FSDP2Hooks:
         self._hooked.clear()
 
 
-def attach(optimizer: AdaScale, model: nn.Module) -> FSDP2Hooks:
-    """Hook ``optimizer``'s statistics into the FSDP2-sharded ``model`` (see the module docstring).
+def _check_attachable(optimizer: AdaScale, model: nn.Module, states: Sequence[Any]) -> None:
+    """Every check of :func:`attach`, before anything is changed."""
+    from .distributed import world_size
 
-    Rebuilds the optimizer's capture for sharded gradients if it was built on plain parameters
-    (an optimizer created before ``fully_shard`` whose parameters were swapped afterwards).
-    """
     if optimizer._capture.passes > 0:
         raise RuntimeError(
             "AdaScale.attach was called after backward passes that were not consumed by step(): "
             "call attach(model) before the first backward"
         )
+    if not states:
+        raise ValueError(
+            f"AdaScale.attach: {type(model).__name__} has no fully_shard module. attach() is for "
+            "FSDP2: apply torch.distributed.fsdp.fully_shard first (or call it after "
+            "accelerator.prepare); DDP and single-process training need no attach()"
+        )
+    ranks = world_size(optimizer.process_group)
+    for state in states:
+        for param_group in state._fsdp_param_groups:
+            _check_group(param_group, ranks)
+    sharded = {
+        id(fsdp_param.sharded_param)
+        for state in states
+        for param_group in state._fsdp_param_groups
+        for fsdp_param in param_group.fsdp_params
+    }
+    foreign = [
+        tuple(p.shape)
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.requires_grad and id(p) not in sharded
+    ]
+    if foreign:
+        raise ValueError(
+            f"AdaScale.attach: {len(foreign)} of the optimizer's parameters (shapes "
+            f"{foreign[:4]}) are not the sharded parameters of the fully_shard modules of this "
+            "model. Build the optimizer from model.parameters() after fully_shard(model), or "
+            "let accelerator.prepare swap them, then attach the same model"
+        )
+
+
+def attach(optimizer: AdaScale, model: nn.Module) -> FSDP2Hooks:
+    """Hook ``optimizer``'s statistics into the FSDP2-sharded ``model`` (see the module docstring).
+
+    Rebuilds the optimizer's capture for sharded gradients if it was built on plain parameters
+    (an optimizer created before ``fully_shard`` whose parameters were swapped afterwards); the
+    smoothed statistics are kept.
+    """
+    states = _fsdp_states(model)
+    _check_attachable(optimizer, model, states)
     previous = getattr(optimizer, "_fsdp2_hooks", None)
     if previous is not None:
         previous.remove()
     if not optimizer._capture.sharded_grads:
         optimizer._capture.detach()  # hooks on plain parameters that FSDP2 replaced
         optimizer._capture = build_capture(optimizer.param_groups)
-    return FSDP2Hooks(optimizer, model)
+    return FSDP2Hooks(optimizer, states)
 
 
 def check_hooks_fired(optimizer: AdaScale) -> None:

@@ -1,0 +1,81 @@
+"""FSDP2 support, the parts that need no process group (the rest: tests/distributed/test_fsdp2.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adascale_shard import AdaScale
+from adascale_shard.capture import MicroGradCapture
+from adascale_shard.fsdp2 import AdaScaleStateful, check_hooks_fired, has_dtensor_params, is_dtensor
+
+
+def test_import_adascale_shard_loads_neither_fsdp2_nor_torch_fsdp():
+    code = (
+        "import sys, adascale_shard; "
+        "print('adascale_shard.fsdp2' in sys.modules, 'torch.distributed.fsdp' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout
+
+
+def test_plain_tensors_are_not_dtensors():
+    p = torch.nn.Parameter(torch.ones(3))
+    assert not is_dtensor(p) and not is_dtensor(None)
+    assert not has_dtensor_params([{"params": [p]}])
+
+
+def test_owner_grad_tells_a_reset_between_passes_not_the_hooked_tensor():
+    """FSDP2 clears the unsharded parameter's ``.grad`` after every reduce-scatter; the window
+    must survive that, and be dropped only when the owner's (sharded) ``.grad`` is reset."""
+    unsharded = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    sharded = torch.nn.Parameter(torch.zeros(2))
+    capture = MicroGradCapture([[sharded]], hook=False)
+    capture.sharded_grads = True
+    capture.hook_parameter(unsharded, 0, owner=sharded)
+
+    def micro_step(scale: float) -> None:
+        (scale * unsharded).sum().backward()
+        # What FSDP2's post-backward does: move the gradient to the sharded parameter.
+        g = unsharded.grad
+        sharded.grad = g.clone() if sharded.grad is None else sharded.grad + g
+        unsharded.grad = None
+
+    micro_step(1.0)
+    micro_step(2.0)
+    assert capture.passes == 2 and capture.dropped_windows == 0
+    assert capture.micro_sqr.item() == pytest.approx(2 * 1.0 + 2 * 4.0)  # ||h1||^2 + ||h2||^2
+    sharded.grad = None  # zero_grad without a step
+    micro_step(3.0)
+    assert capture.dropped_windows == 1 and capture.passes == 1
+    assert capture.micro_sqr.item() == pytest.approx(2 * 9.0)
+
+
+def test_check_hooks_fired_ignores_plain_parameters():
+    model = torch.nn.Linear(3, 1)
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    check_hooks_fired(opt)  # no DTensor: nothing to say
+    opt.step()  # a step with hand-set gradients on plain parameters is allowed as before
+    assert opt.tau == 0.0
+
+
+def test_attach_refuses_a_model_without_fully_shard_and_changes_nothing():
+    model = torch.nn.Linear(3, 1)
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1))
+    capture = opt._capture
+    with pytest.raises(ValueError, match="has no fully_shard module"):
+        opt.attach(model)
+    assert opt._capture is capture and capture.num_hooks == 2 and not capture.sharded_grads
+    model(torch.ones(2, 3)).sum().backward()
+    assert capture.passes == 1
+
+
+def test_stateful_needs_adascale():
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(TypeError, match="needs an AdaScale optimizer"):
+        AdaScaleStateful(model, torch.optim.SGD(model.parameters(), lr=0.1))
