@@ -1,8 +1,8 @@
 """Capture of local micro-gradient statistics with tensor hooks.
 
-A hook registered with ``Tensor.register_hook`` on a parameter sees the gradient that one
-backward pass contributes to it, before autograd accumulates it into ``.grad`` and before DDP
-or DeepSpeed reduce it across ranks. :class:`MicroGradCapture` adds the squared norm of that
+A pre-hook on a parameter's gradient accumulator (the autograd node that adds into ``.grad``)
+sees the gradient that one backward pass contributes to it, before it is accumulated and before
+DDP or DeepSpeed reduce it across ranks (their hooks run after the accumulation). :class:`MicroGradCapture` adds the squared norm of that
 gradient to a per-group accumulator on the gradient's device: no ``.item()``, no host
 synchronisation and no gradient-sized buffer inside backward.
 
@@ -91,6 +91,7 @@ class MicroGradCapture:
         self.grad_sqr_fn: Callable[[], torch.Tensor] | None = None
         self.loss_scale = 1.0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._nodes: list[torch.autograd.graph.Node] = []
         self.device: torch.device | None = None
         self._micro_sqr: torch.Tensor | None = None
         self._grad_sqr: torch.Tensor | None = None
@@ -137,7 +138,17 @@ class MicroGradCapture:
         reduce-scatter, and names the sharded parameter here. Its ``.grad`` is what tells a
         ``zero_grad`` between two passes.
         """
-        handle = param.register_hook(self._make_hook(group_index, param, owner))
+        hook = self._make_hook(group_index, param, owner)
+        if param.is_leaf:
+            # A pre-hook on the parameter's gradient accumulator runs only when backward is about
+            # to add into .grad: torch.autograd.grad() (gradient penalties, norm probes) computes
+            # the same gradients without accumulating them and must not count as a micro-batch.
+            # The node is kept alive here so autograd keeps using this one for the parameter.
+            node = torch.autograd.graph.get_gradient_edge(param).node
+            handle = node.register_prehook(lambda grads: hook(grads[0]))
+            self._nodes.append(node)
+        else:
+            handle = param.register_hook(hook)
         self._handles.append(handle)
         return handle
 
@@ -145,8 +156,9 @@ class MicroGradCapture:
         param_ref = weakref.ref(param)
         owner_ref = param_ref if owner is None else weakref.ref(owner)
 
-        def hook(grad: torch.Tensor) -> None:
-            self._on_micro_grad(group_index, param_ref(), grad, owner_ref())
+        def hook(grad: torch.Tensor | None) -> None:
+            if grad is not None:
+                self._on_micro_grad(group_index, param_ref(), grad, owner_ref())
 
         return hook
 
@@ -155,6 +167,7 @@ class MicroGradCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._nodes.clear()
 
     @property
     def num_hooks(self) -> int:

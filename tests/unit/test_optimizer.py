@@ -397,3 +397,20 @@ def test_budget():
         train(m, opt, 1, start=updates)
         updates += 1
     assert opt.tau >= 20 and updates < 20
+
+
+def test_autograd_grad_probe_is_not_a_micro_batch():
+    """torch.autograd.grad (gradient penalties, norm probes) computes gradients without
+    accumulating them into .grad: it must not count as a micro-gradient."""
+    m1, m2 = make_model(), make_model()
+    probed = AdaScale(m1.parameters(), lr=0.1)
+    clean = AdaScale(m2.parameters(), lr=0.1)
+    batches = micro_batches(0, 2)
+    accumulate(m1, batches)
+    x, y = batches[0]
+    torch.autograd.grad(torch.nn.functional.mse_loss(m1(x), y), list(m1.parameters()))
+    accumulate(m2, batches)
+    probed.step()
+    clean.step()
+    assert probed.stats()["N"] == 2
+    assert probed.gain() == clean.gain()
