@@ -43,6 +43,7 @@ UPDATES = 6
 LR, MOMENTUM = 0.05, 0.9
 MODEL_SEED, DATA_SEED = 0, 4321
 CKPT_AT = 3  # the checkpoint is taken after this many updates
+CLIP_MAX_NORM = 0.05  # far below ||G|| here: clipping acts at every update
 
 # fp32 tolerance. FSDP2 sums the same micro-gradients in another association order than one
 # process ((h1 + .. + hK) on each rank, then the reduce-scatter's average of 2 shards, vs
@@ -235,7 +236,9 @@ def build_fsdp(
     return model, opt
 
 
-def run_updates(rank, world_size, kind, count, model, opt, updates, *, no_sync, out, trace=None) -> dict:
+def run_updates(
+    rank, world_size, kind, count, model, opt, updates, *, no_sync, out, trace=None, clip=None
+) -> dict:
     k_per_rank = count // world_size
     from adascale_shard.capture import grad_sqr_norms
 
@@ -252,6 +255,9 @@ def run_updates(rank, world_size, kind, count, model, opt, updates, *, no_sync, 
         now = grad_sqr_norms(capture.groups, capture.device)
         out.setdefault("snapshot_vs_final", []).append(float((capture.grad_sqr - now).abs().max()))
         out.setdefault("local_grad_sqr", []).append(float(now.sum()))
+        if clip is not None:  # what Accelerate and the HF Trainer do between backward and step()
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
+            out.setdefault("clip_total_norm", []).append(float(total.full_tensor()))
         opt.step()
         opt.zero_grad()
         record(out, opt, model)
@@ -263,13 +269,14 @@ def fsdp_case(rank: int, world_size: int, opts: dict) -> dict:
     kind, count = opts.pop("model"), opts.pop("micro_batches")
     no_sync = opts.pop("no_sync")
     bug = opts.pop("bug", False)
+    clip = opts.pop("clip", None)
     model, opt = build_fsdp(kind, **opts)
     opt.attach(model)
     if bug:
         opt._capture.sharded_grads = False  # a deliberate bug, to size the tolerance against
     out: dict = {"world_size": dist.get_world_size()}
     start = time.perf_counter()
-    run_updates(rank, world_size, kind, count, model, opt, range(UPDATES), no_sync=no_sync, out=out)
+    run_updates(rank, world_size, kind, count, model, opt, range(UPDATES), no_sync=no_sync, out=out, clip=clip)
     out["seconds"] = time.perf_counter() - start
     out["hooked"] = opt._fsdp2_hooks.num_hooked
     return out
@@ -349,6 +356,12 @@ def never_fired_case(rank: int, world_size: int) -> dict:
         opt_b.attach(model_a)
     except ValueError as err:
         errors["foreign_params"] = str(err)
+    model, opt = build_fsdp("mlp")
+    model.set_gradient_divide_factor(1.0)  # a sum over ranks instead of the mean
+    try:
+        opt.attach(model)
+    except ValueError as err:
+        errors["divide_factor"] = str(err)
     return errors
 
 
@@ -398,6 +411,7 @@ def collectives_case(rank: int, world_size: int) -> dict:
 def checkpoint_case(rank: int, world_size: int, path: str) -> dict:
     """The uninterrupted run; saves a DCP checkpoint after CKPT_AT updates."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from adascale_shard.fsdp2 import AdaScaleStateful
 
@@ -405,6 +419,8 @@ def checkpoint_case(rank: int, world_size: int, path: str) -> dict:
     opt.attach(model)
     out: dict = {}
     run_updates(rank, world_size, "gpt", 4, model, opt, range(CKPT_AT), no_sync=True, out=out)
+    # torch's helpers keep only the base optimizer's keys: why AdaScaleStateful exists.
+    out["dcp_optimizer_keys"] = sorted(get_optimizer_state_dict(model, opt))
     dcp.save({"train": AdaScaleStateful(model, opt)}, checkpoint_id=path)
     out["saved_state"] = opt.state_dict()["adascale"]
     run_updates(rank, world_size, "gpt", 4, model, opt, range(CKPT_AT, UPDATES), no_sync=True, out=out)
@@ -471,6 +487,7 @@ def runs(tmp_path_factory):
         Case("collectives", collectives_case),
         Case("checkpoint", checkpoint_case, (path,)),
         Case("bug: shards not summed", fsdp_case, ({**case(), "bug": True},)),
+        Case("clipped", fsdp_case, ({**case(), "clip": CLIP_MAX_NORM},)),
     ]
     start = time.perf_counter()
     ranks = run_cases(cases, 2, timeout=300)
@@ -599,6 +616,7 @@ def test_update_whose_hooks_never_fired_raises(runs):
         assert errors["dcp_init_tau"] == 0.0 and errors["dcp_init_updates"] == 0.0
         assert "has no fully_shard module" in errors["no_fully_shard"]
         assert "not the sharded parameters" in errors["foreign_params"]
+        assert "set_gradient_divide_factor(1.0)" in errors["divide_factor"]
 
 
 def test_one_all_reduce_of_2g_plus_2_float64_scalars_per_update(runs):
@@ -620,6 +638,7 @@ def test_checkpoint_resume_in_a_fresh_process_group_is_identical(runs):
         full = runs["ranks"][rank]["checkpoint"]
         resumed = runs["resumed"][rank]["resume"]
         assert resumed["fresh_tau"] == 0.0
+        assert full["dcp_optimizer_keys"] == ["param_groups", "state"]  # "adascale" dropped
         assert resumed["loaded_state"] == full["saved_state"]  # tau, averages, counters: exact
         assert torch.equal(resumed["loaded_params"], full["params"][CKPT_AT - 1])
         for key in ("gain", "tau", "var", "sqr", "updates"):
@@ -636,3 +655,13 @@ def test_tolerance_catches_a_normalisation_bug(runs):
     d = diffs(bug, reference_for(runs, name))
     print(f"\n[fsdp2] with the bug: |gain diff| {d['gain']:.3g}, |tau diff| {d['tau']:.3g}")
     assert d["gain"] > 1000 * RTOL
+
+
+def test_clipping_between_backward_and_step_keeps_the_pre_clip_statistics(runs):
+    """clip_grad_norm_ on the DTensor gradients before step() (Accelerate, the HF Trainer) does
+    not change ||G||^2: the first update's statistics equal the unclipped run's bit for bit."""
+    clipped, plain = runs["ranks"][0]["clipped"], runs["ranks"][0]["mlp N=8 acc=4 no_sync nested reshard"]
+    assert min(clipped["clip_total_norm"]) > 5 * CLIP_MAX_NORM  # clipping really acted
+    for key in ("gain", "tau", "var", "sqr"):
+        assert clipped[key][0] == plain[key][0], key
+    assert not torch.allclose(clipped["params"][0], plain["params"][0], rtol=RTOL, atol=ATOL)
