@@ -5,12 +5,18 @@ Where the two squared norms come from:
 * ``sum_i ||g_i||^2``: FSDP2 keeps each parameter as a sharded DTensor between iterations and
   all-gathers an *unsharded* ``nn.Parameter`` (a plain tensor, one per ``FSDPParam``) for forward
   and backward. Autograd writes the local micro-gradient of each backward pass into that unsharded
-  tensor before FSDP2 reduce-scatters it, so a tensor hook on the unsharded parameter sees exactly
-  ``h_rk``. A hook on the sharded DTensor never fires: it is not used in forward.
+  tensor before FSDP2 reduce-scatters it, so a gradient hook on the unsharded parameter
+  (``MicroGradCapture.hook_parameter``) sees exactly ``h_rk``, also when
+  ``set_requires_gradient_sync(False)`` makes FSDP2 accumulate unsharded gradients over several
+  passes (in ``.grad``, or in an fp32 buffer under a bf16 ``MixedPrecisionPolicy``), since the
+  hook runs before that accumulation. A hook on the sharded DTensor never fires: it is not used
+  in forward.
 * ``||G||^2``: after the reduce-scatter the sharded DTensor ``.grad`` on each rank holds its shard
-  of ``G = (1/W) sum_r sum_k h_rk`` (FSDP2 averages over the shard group). The squares of the local
-  shards are summed over ranks inside the one all-reduce the optimizer already does per update
-  (``MicroGradCapture.sharded_grads = True``).
+  of ``G = (1/W) sum_r sum_k h_rk`` (FSDP2's default divide factor is the shard group's size;
+  a custom ``set_gradient_divide_factor`` is refused). The squares of the local shards are summed
+  over ranks inside the one all-reduce the optimizer already does per update
+  (``MicroGradCapture.sharded_grads = True``); they are taken when the last backward pass ends,
+  so ``clip_grad_norm_`` between backward and ``step()`` does not change them.
 
 When the hooks attach: :func:`attach` (called by :meth:`AdaScale.attach`) registers a forward
 pre-hook on every module that ``fully_shard`` was applied to. It runs after FSDP2's own pre-hook
@@ -19,6 +25,9 @@ the first time it is seen (FSDP2 re-uses the same tensor for every all-gather, w
 ``reshard_after_forward`` True or False; a re-created one would be hooked on its next forward).
 The optimizer's ``param_groups`` are re-read whenever they change, so a later swap of the
 optimizer's parameters (Accelerate's ``prepare``) is followed.
+
+Limits: 1-D meshes only (no HSDP, no FSDP2 + tensor parallelism), and every trainable parameter
+of the optimizer must be sharded by ``fully_shard`` (wrap the root module too).
 
 Why ``||G||^2`` is complete when it is taken: the capture snapshots ``.grad`` in a callback
 that it queues on the autograd engine at the first hooked gradient of a backward pass (and queues
