@@ -372,7 +372,7 @@ class AdaScaleStateful:
         return {
             "model": model_state,
             "optim": optim_state,
-            STATE_DICT_KEY: self.optimizer.state_dict()[STATE_DICT_KEY],
+            STATE_DICT_KEY: self.optimizer.estimator_state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -387,7 +387,4 @@ class AdaScaleStateful:
             optim_state_dict=state_dict["optim"],
             options=self.options,
         )
-        # The base state was just loaded; hand it back together with the estimator's.
-        self.optimizer.load_state_dict(
-            {**self.optimizer.optimizer.state_dict(), STATE_DICT_KEY: state_dict[STATE_DICT_KEY]}
-        )
+        self.optimizer.load_estimator_state_dict(state_dict[STATE_DICT_KEY])

@@ -454,15 +454,33 @@ class AdaScale(torch.optim.Optimizer):
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's ``state`` and ``param_groups``, plus AdaScale's estimator under
-        ``"adascale"``: ``format_version, tau, gain, updates, nonfinite_updates, grad_var_avg,
-        grad_sqr_avg`` (per group, un-normalised), ``avg_weight``, ``num_micro, scale`` and
-        ``config``.
+        ``"adascale"`` (see :meth:`estimator_state_dict`).
 
         Statistics of backward passes not yet consumed by a ``step()`` are not saved, just as
         no checkpoint saves the pending ``.grad``; a resumed run starts a fresh window.
         """
         state = dict(self.optimizer.state_dict())
-        state[STATE_DICT_KEY] = {
+        state[STATE_DICT_KEY] = self.estimator_state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict`. A plain base-optimizer state dict (no ``"adascale"`` key)
+        loads too and leaves the estimator as it is (fresh on a new optimizer)."""
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(STATE_DICT_KEY, None)
+        self.optimizer.load_state_dict(state_dict)
+        self._capture.reset()
+        if saved is None:
+            logger.info("AdaScale: loaded a base-optimizer state dict; the estimator state is unchanged")
+            return
+        self.load_estimator_state_dict(saved)
+
+    def estimator_state_dict(self) -> dict[str, Any]:
+        """AdaScale's own state, for checkpoints that carry it beside the base optimizer's
+        (DeepSpeed's ``client_state``, a DCP ``Stateful``): ``format_version, tau, gain, updates,
+        nonfinite_updates``, the per-group un-normalised averages ``grad_var_avg, grad_sqr_avg``,
+        ``avg_weight``, the last ``num_micro`` and ``scale``, and the ``config`` it ran with."""
+        return {
             "format_version": STATE_FORMAT_VERSION,
             "tau": self._tau,
             "gain": self._gain,
@@ -480,20 +498,11 @@ class AdaScale(torch.optim.Optimizer):
                 "min_relative_var": self.config.min_relative_var,
             },
         }
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load a :meth:`state_dict`. A plain base-optimizer state dict (no ``"adascale"`` key)
-        loads too and leaves the estimator as it is (fresh on a new optimizer). The current ``scale`` and ``smoothing`` win over
-        the saved ones: the averages describe the model and the base batch, not the scale, so an
+    def load_estimator_state_dict(self, saved: dict[str, Any]) -> None:
+        """Load :meth:`estimator_state_dict`. The current ``scale`` and ``smoothing`` win over the
+        saved ones: the averages describe the model and the base batch, not the scale, so an
         elastic resume at another scale carries them over unchanged."""
-        state_dict = dict(state_dict)
-        saved = state_dict.pop(STATE_DICT_KEY, None)
-        self.optimizer.load_state_dict(state_dict)
-        self._capture.reset()
-        if saved is None:
-            logger.info("AdaScale: loaded a base-optimizer state dict; the estimator state is unchanged")
-            return
         version = saved.get("format_version")
         if version != STATE_FORMAT_VERSION:
             raise ValueError(
@@ -508,6 +517,7 @@ class AdaScale(torch.optim.Optimizer):
                 f"optimizer has {num_groups}: build the optimizer with the same groups as the run "
                 "that saved it"
             )
+        self._capture.reset()
         self._tau = float(saved["tau"])
         self._gain = float(saved["gain"])
         self._updates = int(saved["updates"])

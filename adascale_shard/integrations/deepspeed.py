@@ -13,7 +13,9 @@ imports DeepSpeed itself). The patch
 * lists AdaScale among ZeRO's supported optimizers (no ``zero_allow_untested_optimizer``);
 * connects the AdaScale instance to the engine once the engine has wrapped it (below);
 * drops the statistics of an update the engine skipped (fp16 overflow);
-* reads a JSON ``"scheduler"`` at ``floor(tau)`` (see :func:`_follow_tau`).
+* reads the engine's scheduler at ``floor(tau)`` (see :func:`_follow_tau`);
+* puts AdaScale's estimator into ``save_checkpoint``'s ``client_state`` and restores it in
+  ``load_checkpoint`` (ZeRO's own optimizer checkpoint keeps only per-parameter state).
 
 Where the statistics come from (``../shared/design/ALGORITHM.md``):
 
@@ -49,6 +51,7 @@ __all__ = ["install", "TESTED_VERSIONS", "OPTIMIZER_TYPE"]
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_TYPE = "adascale"
+CLIENT_STATE_KEY = "adascale"  # AdaScale's estimator in DeepSpeed checkpoints
 TESTED_VERSIONS = ((0, 19, 8), (0, 20, 0))  # [low, high)
 _ENGINE_MODULE = "deepspeed.runtime.engine"
 _PATCHED = "_adascale_shard_patched"
@@ -59,6 +62,8 @@ _REQUIRED_ENGINE_METHODS = (
     "_configure_lr_scheduler",
     "_take_model_step",
     "allreduce_gradients",
+    "save_checkpoint",
+    "load_checkpoint",
     "optimizer_name",
     "optimizer_params",
 )
@@ -139,6 +144,8 @@ def patch_engine(module: Any) -> None:
     configure_optimizer = engine_cls._configure_optimizer
     configure_scheduler = engine_cls._configure_lr_scheduler
     take_model_step = engine_cls._take_model_step
+    save_checkpoint = engine_cls.save_checkpoint
+    load_checkpoint = engine_cls.load_checkpoint
 
     def _is_supported_optimizer(self, optimizer_name):  # noqa: ANN001
         return str(optimizer_name).lower() == OPTIMIZER_TYPE or is_supported(self, optimizer_name)
@@ -171,6 +178,33 @@ def patch_engine(module: Any) -> None:
             adascale._drop_window()
         return result
 
+    def _save_checkpoint(self, save_dir, tag=None, client_state=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # ZeRO's optimizer checkpoint keeps only the base optimizer's per-parameter state, not
+        # AdaScale's estimator: it travels in the engine's client_state instead.
+        adascale = getattr(self, "basic_optimizer", None)
+        client_state = dict(client_state or {})
+        if isinstance(adascale, AdaScale):
+            client_state[CLIENT_STATE_KEY] = adascale.estimator_state_dict()
+        return save_checkpoint(self, save_dir, tag, client_state, *args, **kwargs)
+
+    def _load_checkpoint(self, load_dir, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        load_path, client_state = load_checkpoint(self, load_dir, *args, **kwargs)
+        adascale = getattr(self, "basic_optimizer", None)
+        load_optimizer = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
+        if isinstance(adascale, AdaScale) and client_state and load_optimizer:
+            saved = client_state.pop(CLIENT_STATE_KEY, None)
+            if saved is None:
+                logger.warning(
+                    "AdaScale: the DeepSpeed checkpoint %s holds no AdaScale state (saved without "
+                    "adascale_shard imported?); tau and the averages start fresh",
+                    load_path,
+                )
+            else:
+                adascale.load_estimator_state_dict(saved)
+        return load_path, client_state
+
+    engine_cls.save_checkpoint = _save_checkpoint
+    engine_cls.load_checkpoint = _load_checkpoint
     engine_cls._is_supported_optimizer = _is_supported_optimizer
     engine_cls._configure_basic_optimizer = _configure_basic_optimizer
     engine_cls._configure_optimizer = _configure_optimizer
@@ -265,21 +299,31 @@ def _attach_wrapper(engine: Any, adascale: AdaScale) -> None:
 
 
 def _follow_tau(engine: Any, adascale: AdaScale) -> None:
-    """Make the engine's JSON scheduler read the schedule at ``floor(tau)``.
+    """Make the engine's scheduler read the schedule at ``floor(tau)``.
 
-    The engine steps its scheduler once per applied update; DeepSpeed's schedulers take the
-    iteration in ``step(last_batch_iteration)``, so each call is redirected to ``floor(tau)``.
+    The engine steps its scheduler once per applied update. DeepSpeed's JSON schedulers take the
+    iteration in ``step(last_batch_iteration)``, so each call is redirected to ``floor(tau) - 1``
+    (DeepSpeed's convention after ``floor(tau)`` steps); a ``torch.optim.lr_scheduler`` (a client
+    scheduler, the HF Trainer's) is stepped until its ``last_epoch`` is ``floor(tau)``.
     """
     scheduler = engine.lr_scheduler
     step = scheduler.step
+    if "last_batch_iteration" in _parameters(step):
 
-    def step_at_tau(*args, **kwargs):  # noqa: ANN002, ANN003
-        if "last_batch_iteration" in _parameters(step):
+        def step_at_tau(*args, **kwargs):  # noqa: ANN002, ANN003
             return step(last_batch_iteration=math.floor(adascale.tau) - 1)
+
+    elif hasattr(scheduler, "last_epoch") and type(scheduler).__name__ != "ReduceLROnPlateau":
+
+        def step_at_tau(*args, **kwargs):  # noqa: ANN002, ANN003
+            while scheduler.last_epoch < math.floor(adascale.tau):
+                step()
+
+    else:
         raise TypeError(
-            f"AdaScale cannot drive the scheduler {type(scheduler).__name__} by floor(tau): its step() "
-            "takes no last_batch_iteration. Use a DeepSpeed JSON scheduler (WarmupLR, WarmupDecayLR, "
-            "WarmupCosineLR, OneCycle) or adascale_shard.ScaleInvariantScheduler in your loop"
+            f"AdaScale cannot drive the scheduler {type(scheduler).__name__} by floor(tau): it neither "
+            "takes step(last_batch_iteration) nor counts steps in last_epoch. Use a DeepSpeed JSON "
+            "scheduler (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle) or a torch LR scheduler"
         )
 
     scheduler.step = step_at_tau

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -260,6 +262,36 @@ def _initialize(deepspeed, config: dict):
     return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
 
+def resume(rank: int, world: int, stage: int, checkpoint_dir: str) -> dict:
+    """Train 2 updates, save_checkpoint, train 2 more; a fresh engine loads the checkpoint and
+    trains the same 2: both must end identical (DeepSpeed is deterministic on CPU)."""
+    _ds_env(rank, world)
+    import deepspeed
+
+    import adascale_shard  # noqa: F401 - registers the type
+
+    def run_updates(engine, updates):
+        for u in updates:
+            for k in range(2):
+                x, y = micro_batch(u, rank * 2 + k)
+                engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+                engine.step()
+        adascale = engine.basic_optimizer
+        return {"gain": adascale.gain(), "tau": adascale.tau, "params": _gathered_params(engine, stage)}
+
+    config = ds_config(stage, 2)
+    engine, _, _, _ = _initialize(deepspeed, config)
+    run_updates(engine, range(2))
+    engine.save_checkpoint(checkpoint_dir, tag="step2")
+    saved_tau = engine.basic_optimizer.tau
+    uninterrupted = run_updates(engine, range(2, 4))
+    fresh, _, _, _ = _initialize(deepspeed, config)
+    fresh.load_checkpoint(checkpoint_dir, tag="step2")
+    loaded_tau = fresh.basic_optimizer.tau
+    resumed = run_updates(fresh, range(2, 4))
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "saved_tau": saved_tau, "loaded_tau": loaded_tau}
+
+
 def config_errors(rank: int, world: int) -> dict:
     """Each documented error, raised by deepspeed.initialize with a bad JSON block."""
     _ds_env(rank, world)
@@ -307,6 +339,9 @@ WARMUP = {
 }
 
 
+CHECKPOINT_ROOT = tempfile.mkdtemp(prefix="adascale_ds_ckpt_")
+
+
 def _cases() -> list[Case]:
     cases = [Case(f"zero{s}_acc{k}", train_deepspeed, (s, k)) for s in STAGES for k in ACCUMULATIONS]
     cases += [Case(f"bf16_zero{s}_acc2", train_deepspeed, (s, 2, "bf16")) for s in STAGES]
@@ -318,13 +353,17 @@ def _cases() -> list[Case]:
         Case("two_groups_zero2_acc2", train_deepspeed, (2, 2, "fp32", "json", None, None, False, True)),
         Case("two_groups_zero3_acc2", train_deepspeed, (3, 2, "fp32", "json", None, None, False, True)),
         Case("errors", config_errors, ()),
+        *[Case(f"resume_zero{s}", resume, (s, os.path.join(CHECKPOINT_ROOT, f"zero{s}"))) for s in (1, 2, 3)],
     ]
     return cases
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    per_rank = run_cases(_cases(), 2, timeout=900, env={"DS_ACCELERATOR": "cpu"})
+    try:
+        per_rank = run_cases(_cases(), 2, timeout=900, env={"DS_ACCELERATOR": "cpu"})
+    finally:
+        shutil.rmtree(CHECKPOINT_ROOT, ignore_errors=True)
     return {"rank0": per_rank[0], "rank1": per_rank[1]}
 
 
@@ -422,6 +461,16 @@ def test_poisoned_batch_under_bf16_never_reaches_the_averages(results):
 def test_reentrant_checkpoint_split_parameter_is_warned(results):
     logs = results["rank0"]["checkpoint_shared_zero1"]["logs"]
     assert sum("two partial gradients" in message for message in logs) == 1
+
+
+@pytest.mark.parametrize("stage", (1, 2, 3))
+def test_save_and_load_checkpoint_carry_adascale_state(results, stage):
+    run = results["rank0"][f"resume_zero{stage}"]
+    assert run["loaded_tau"] == run["saved_tau"] > 0
+    assert run["resumed"]["tau"] == run["uninterrupted"]["tau"]
+    assert run["resumed"]["gain"] == run["uninterrupted"]["gain"]
+    for p, q in zip(run["resumed"]["params"], run["uninterrupted"]["params"]):
+        assert torch.equal(p, q)  # bitwise: DeepSpeed on CPU is deterministic
 
 
 def test_every_documented_config_error(results):
