@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -280,6 +281,12 @@ class AdaScale(torch.optim.Optimizer):
     def gain(self) -> float:
         """The gain applied at the latest update (1.0 before the first)."""
         return self._gain
+
+    def set_scale(self, scale: float | None) -> None:
+        """Change ``S`` (``None``: ``S = N``) from the next update on, e.g. when a launcher knows
+        the global and base batch only after the optimizer was built. The averages are kept: they
+        describe the model and the base batch, not the scale."""
+        self.config = dataclasses.replace(self.config, scale=scale)
 
     def budget_spent(self, steps: float) -> bool:
         """True once ``tau`` reached ``steps``, the step budget tuned at the base batch."""

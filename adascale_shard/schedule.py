@@ -7,7 +7,39 @@ from typing import Any
 
 from .optimizer import AdaScale
 
-__all__ = ["ScaleInvariantScheduler"]
+__all__ = ["ScaleInvariantScheduler", "follow_tau"]
+
+_FOLLOWS_TAU = "_adascale_follows_tau"
+
+
+def _counts_steps(scheduler: Any) -> bool:
+    return hasattr(scheduler, "last_epoch") and type(scheduler).__name__ != "ReduceLROnPlateau"
+
+
+def follow_tau(scheduler: Any, optimizer: AdaScale) -> None:
+    """Make ``scheduler.step()`` move a step-counting torch scheduler to ``floor(tau)``.
+
+    For schedulers that something else steps once per update (the HF Trainer, DeepSpeed's
+    engine, Accelerate's wrapper): after the patch each call steps the scheduler until its
+    ``last_epoch`` equals ``floor(optimizer.tau)``, however often it is called per update, so
+    the schedule is read at scale-invariant steps. Idempotent.
+    """
+    if getattr(scheduler, _FOLLOWS_TAU, False):
+        return
+    if not _counts_steps(scheduler):
+        raise TypeError(
+            f"AdaScale cannot drive {type(scheduler).__name__} by floor(tau): it does not count steps "
+            "in last_epoch. Use a step-counting torch.optim.lr_scheduler (LambdaLR, the HF schedules, ...)"
+        )
+    step_once = type(scheduler).step
+
+    def step_to_tau(*args: Any, **kwargs: Any) -> None:
+        target = math.floor(optimizer.tau)
+        while scheduler.last_epoch < target:
+            step_once(scheduler)
+
+    scheduler.step = step_to_tau
+    setattr(scheduler, _FOLLOWS_TAU, True)
 
 
 class ScaleInvariantScheduler:
@@ -36,7 +68,7 @@ class ScaleInvariantScheduler:
                 f"ScaleInvariantScheduler needs an AdaScale optimizer, got {type(optimizer).__name__}: "
                 "wrap the optimizer with AdaScale(...) first"
             )
-        if not hasattr(scheduler, "last_epoch") or scheduler.__class__.__name__ == "ReduceLROnPlateau":
+        if not _counts_steps(scheduler):
             raise TypeError(
                 f"ScaleInvariantScheduler drives schedulers that count steps (LambdaLR, StepLR, ...); "
                 f"{type(scheduler).__name__} does not"

@@ -45,6 +45,7 @@ import torch
 from ..capture import MicroGradCapture
 from ..config import AdaScaleConfig
 from ..optimizer import AdaScale
+from ..schedule import follow_tau
 
 __all__ = ["install", "TESTED_VERSIONS", "OPTIMIZER_TYPE"]
 
@@ -313,20 +314,9 @@ def _follow_tau(engine: Any, adascale: AdaScale) -> None:
         def step_at_tau(*args, **kwargs):  # noqa: ANN002, ANN003
             return step(last_batch_iteration=math.floor(adascale.tau) - 1)
 
-    elif hasattr(scheduler, "last_epoch") and type(scheduler).__name__ != "ReduceLROnPlateau":
-
-        def step_at_tau(*args, **kwargs):  # noqa: ANN002, ANN003
-            while scheduler.last_epoch < math.floor(adascale.tau):
-                step()
-
+        scheduler.step = step_at_tau
     else:
-        raise TypeError(
-            f"AdaScale cannot drive the scheduler {type(scheduler).__name__} by floor(tau): it neither "
-            "takes step(last_batch_iteration) nor counts steps in last_epoch. Use a DeepSpeed JSON "
-            "scheduler (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle) or a torch LR scheduler"
-        )
-
-    scheduler.step = step_at_tau
+        follow_tau(scheduler, adascale)  # a torch scheduler: stepped to last_epoch == floor(tau)
 
 
 def _parameters(fn: Any) -> tuple[str, ...]:

@@ -1,0 +1,149 @@
+"""Accelerate: find AdaScale behind ``accelerator.prepare``, and carry its estimator through
+``accelerator.save_state`` / ``load_state`` on every engine.
+
+``accelerator.prepare`` hides the AdaScale instance behind wrappers that differ per engine:
+
+* DDP and FSDP2 (and one process): an ``AcceleratedOptimizer`` whose ``.optimizer`` is AdaScale;
+* DeepSpeed (``DummyOptim`` with ``"optimizer": {"type": "AdaScale"}`` in the JSON, or an AdaScale
+  passed in): a ``DeepSpeedOptimizerWrapper`` around DeepSpeed's ZeRO/bf16 wrapper around
+  AdaScale; AdaScale is also ``engine.basic_optimizer``, the engine being the prepared model or
+  ``accelerator.deepspeed_engine_wrapped.engine``.
+
+:func:`find_adascale` takes any of these (the prepared optimizer, the prepared DeepSpeed model, or
+the ``Accelerator``) and returns the AdaScale instance, for ``tau``, ``budget_spent``, ``stats`` and
+``ScaleInvariantScheduler``.
+
+Checkpoints: ``save_state`` keeps AdaScale's ``"adascale"`` state-dict entry on DDP (Accelerate
+saves ``optimizer.state_dict()``), but not on the sharded engines: on FSDP2 Accelerate goes through
+torch's ``get_optimizer_state_dict``, and on DeepSpeed through ``engine.save_checkpoint``, whose
+ZeRO optimizer state holds the base optimizer's tensors only. :class:`AdaScaleCheckpoint` is a
+small ``Stateful`` holding that entry (plain floats, identical on every rank)::
+
+    accelerator.register_for_checkpointing(AdaScaleCheckpoint(optimizer))
+
+Accelerate then writes it next to its own files (``custom_checkpoint_<i>.pkl``, from the main
+process) and restores it in ``load_state`` after the model and the optimizer. Register it on every
+engine (on DDP it is redundant and harmless): ``load_state`` expects the same registered objects
+as ``save_state`` had.
+
+This module never imports Accelerate or DeepSpeed: it reads the objects it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..optimizer import STATE_DICT_KEY, AdaScale
+
+__all__ = ["find_adascale", "AdaScaleCheckpoint"]
+
+_MAX_DEPTH = 8
+
+
+def _walk_optimizers(obj: Any) -> list[Any]:
+    """``obj``, ``obj.optimizer``, ``obj.optimizer.optimizer``, ... (Accelerate's and DeepSpeed's
+    wrappers all keep the wrapped optimizer in ``.optimizer``)."""
+    chain = [obj]
+    for _ in range(_MAX_DEPTH):
+        inner = getattr(chain[-1], "optimizer", None)
+        if inner is None or any(inner is seen for seen in chain):
+            break
+        chain.append(inner)
+    return chain
+
+
+def find_adascale(obj: Any) -> AdaScale:
+    """The :class:`~adascale_shard.AdaScale` instance behind an object ``accelerator.prepare``
+    returned, for every engine.
+
+    Args:
+        obj: the prepared optimizer (``AcceleratedOptimizer``, ``DeepSpeedOptimizerWrapper``), the
+            prepared model under DeepSpeed (a ``DeepSpeedEngine``: its ``basic_optimizer``), the
+            ``Accelerator`` itself (its DeepSpeed engine, else its one prepared AdaScale), or an
+            AdaScale.
+
+    Raises:
+        TypeError: no AdaScale is there (the optimizer was not built as AdaScale, or DeepSpeed's
+            JSON has another optimizer type), or the ``Accelerator`` holds several.
+
+    Example::
+
+        >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        >>> adascale = find_adascale(optimizer)      # DDP, FSDP2, DeepSpeed alike
+        >>> while not adascale.budget_spent(1000): ...
+    """
+    if isinstance(obj, AdaScale):
+        return obj
+    if hasattr(obj, "deepspeed_engine_wrapped") and hasattr(obj, "_optimizers"):  # an Accelerator
+        wrapped = getattr(obj, "deepspeed_engine_wrapped", None)
+        if wrapped is not None:
+            return find_adascale(wrapped.engine)
+        found = []
+        for prepared in obj._optimizers:
+            try:
+                adascale = find_adascale(prepared)
+            except TypeError:
+                continue
+            if not any(adascale is seen for seen in found):
+                found.append(adascale)
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise TypeError(
+                "find_adascale: the Accelerator has no prepared AdaScale optimizer. Call "
+                "accelerator.prepare(model, optimizer, ...) first, with optimizer = "
+                "AdaScale(torch.optim.SGD(...)) (DDP, FSDP2) or accelerate.utils.DummyOptim and "
+                '"optimizer": {"type": "AdaScale"} in the DeepSpeed JSON'
+            )
+        raise TypeError(
+            f"find_adascale: the Accelerator holds {len(found)} AdaScale optimizers; pass the "
+            "prepared optimizer you mean instead of the Accelerator"
+        )
+    basic = getattr(obj, "basic_optimizer", None)  # a DeepSpeedEngine
+    if isinstance(basic, AdaScale):
+        return basic
+    chain = _walk_optimizers(obj)
+    for item in chain:
+        if isinstance(item, AdaScale):
+            return item
+    names = " -> ".join(type(item).__name__ for item in chain)
+    if basic is not None:
+        names += f" (DeepSpeed basic_optimizer: {type(basic).__name__})"
+    raise TypeError(
+        f"find_adascale found no AdaScale in {names}. Build the optimizer as "
+        "AdaScale(torch.optim.SGD(model.parameters(), ...)) before accelerator.prepare, or, with "
+        'DeepSpeed, use accelerate.utils.DummyOptim with "optimizer": {"type": "AdaScale"} in the '
+        "DeepSpeed JSON (and import adascale_shard before accelerator.prepare)"
+    )
+
+
+class AdaScaleCheckpoint:
+    """AdaScale's estimator as a ``Stateful`` for ``accelerator.register_for_checkpointing``.
+
+    ``state_dict()`` is the ``"adascale"`` entry of :meth:`AdaScale.state_dict` (``tau``, ``gain``,
+    the averages, counters, config: plain Python values, the same on every rank);
+    ``load_state_dict`` restores it and leaves the base optimizer's state (already restored by
+    Accelerate's engine-specific path) as it is.
+
+    Args:
+        optimizer: anything :func:`find_adascale` accepts (the prepared optimizer, the DeepSpeed
+            engine, the ``Accelerator``, an AdaScale).
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.adascale = find_adascale(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.adascale.state_dict()[STATE_DICT_KEY]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "format_version" not in state_dict:
+            raise ValueError(
+                "AdaScaleCheckpoint.load_state_dict expects the 'adascale' entry that "
+                "AdaScaleCheckpoint.state_dict() saved; this checkpoint holds something else at "
+                "this position. Register the same objects, in the same order, before "
+                "accelerator.load_state as before accelerator.save_state"
+            )
+        # The base state is the one the engine just restored; hand it back with the estimator's.
+        base = self.adascale.optimizer.state_dict()
+        self.adascale.load_state_dict({**base, STATE_DICT_KEY: state_dict})

@@ -1,0 +1,303 @@
+"""Hugging Face Trainer: AdaScale as the optimizer, the schedule at ``floor(tau)``, the budget in
+scale-invariant steps, and ``adascale/*`` metrics in the Trainer's reporters.
+
+One call after building the Trainer::
+
+    from adascale_shard.integrations.hf import enable_adascale
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+    enable_adascale(trainer, base_batch_size=32, optimizer="SGD", momentum=0.9)
+    trainer.train()
+
+With ``--deepspeed`` and a JSON ``"optimizer": {"type": "AdaScale"}`` block DeepSpeed builds the
+optimizer; call ``enable_adascale(trainer, base_batch_size=...)`` without optimizer arguments.
+Without DeepSpeed the optimizer is built by the Trainer from ``optimizer_cls_and_kwargs``, which
+``enable_adascale`` sets; an optimizer *instance* passed to the Trainer is replaced or rejected by
+the Trainer under DeepSpeed and FSDP, so it is not a supported path.
+
+What the Trainer's settings mean under AdaScale (``TrainingArguments``):
+
+* ``max_steps``: the budget in scale-invariant steps, i.e. the number of steps the schedule was
+  tuned for at the base batch. Training stops at the first update where ``tau >= max_steps``.
+* ``num_train_epochs`` (when ``max_steps`` is not set): epochs *at the base batch*; converted to
+  ``max_steps = ceil(epochs * len(train_dataset) / base_batch_size)``. AdaScale then sees more
+  data than that many epochs of the large batch (the paper's protocol).
+* ``warmup_steps`` / ``warmup_ratio`` and the decay: the Trainer's schedule over ``max_steps``,
+  read at ``floor(tau)``.
+* ``logging_steps``, ``eval_steps``, ``save_steps``: scale-invariant steps: an action happens at
+  the first update whose ``floor(tau)`` reaches the next multiple, so runs at different scales log,
+  evaluate and save at the same points of the schedule. ``state.global_step`` (checkpoint names,
+  the ``step`` of log records) still counts real updates.
+* The progress bar counts scale-invariant steps up to ``max_steps`` and shows the gain.
+* Metrics: ``adascale/gain, tau, var, sqr, noise_scale, effective_lr, updates`` are added to every
+  log record before any reporter (TensorBoard, ...) receives it, and to ``state.log_history``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..optimizer import AdaScale
+from ..schedule import follow_tau
+
+try:  # the Trainer's callback types; the module is imported only by users of the Trainer
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback
+    from transformers.trainer_utils import IntervalStrategy
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install 'adascale-shard[transformers]'"
+    ) from err
+
+__all__ = ["enable_adascale", "find_adascale", "AdaScaleCallback", "LOG_KEYS"]
+
+LOG_KEYS = ("gain", "tau", "var", "sqr", "noise_scale", "effective_lr", "updates")
+
+
+def find_adascale(optimizer: Any) -> AdaScale | None:
+    """The AdaScale inside whatever wraps it (Accelerate's ``AcceleratedOptimizer``, DeepSpeed's
+    ZeRO/bf16 wrappers all keep the wrapped optimizer in ``.optimizer``)."""
+    for _ in range(8):
+        if isinstance(optimizer, AdaScale):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is None:
+            return None
+    return None
+
+
+def _innermost_scheduler(scheduler: Any) -> Any:
+    # Accelerate's AcceleratedScheduler and DeepSpeedSchedulerWrapper keep it in `.scheduler`.
+    for _ in range(8):
+        inner = getattr(scheduler, "scheduler", None)
+        if inner is None:
+            return scheduler
+        scheduler = inner
+    return scheduler
+
+
+def _global_batch(args: Any) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def enable_adascale(
+    trainer: Any,
+    *,
+    base_batch_size: int | None = None,
+    optimizer: str | type[torch.optim.Optimizer] | None = None,
+    **optimizer_kwargs: Any,
+) -> "AdaScaleCallback":
+    """Turn a ``transformers.Trainer`` into an AdaScale run (call before ``trainer.train()``).
+
+    Args:
+        trainer: the Trainer (or a subclass, e.g. TRL's).
+        base_batch_size (int, optional): the global batch, in samples, at which the learning rate
+            and ``max_steps`` were tuned; ``S = global_batch / base_batch_size``. ``None``: the
+            per-device micro-batch is the base batch (``S = N`` micro-batches per update).
+        optimizer (str or type, optional): the base optimizer (a ``torch.optim`` name or class;
+            default ``"SGD"``), built by the Trainer through ``optimizer_cls_and_kwargs`` with
+            ``lr=args.learning_rate``. Not allowed with ``--deepspeed`` and an AdaScale JSON block
+            (the JSON names it there).
+        **optimizer_kwargs: the base optimizer's other arguments (``momentum=0.9``, ...) and
+            AdaScale's (``smoothing``, ``lr_scaling``).
+
+    Returns:
+        The :class:`AdaScaleCallback` (its ``adascale`` attribute is the optimizer once training
+        started).
+    """
+    args = trainer.args
+    if base_batch_size is not None:
+        if isinstance(base_batch_size, bool) or not isinstance(base_batch_size, int) or base_batch_size < 1:
+            raise ValueError(f"base_batch_size={base_batch_size!r} must be a positive number of samples")
+        if base_batch_size > _global_batch(args):
+            raise ValueError(
+                f"base_batch_size={base_batch_size} is larger than the global batch "
+                f"{_global_batch(args)} (per_device_train_batch_size {args.per_device_train_batch_size} x "
+                f"gradient_accumulation_steps {args.gradient_accumulation_steps} x {args.world_size} "
+                "processes): AdaScale only scales up. Lower base_batch_size or raise the batch"
+            )
+    _check_world(args)
+    _set_optimizer(trainer, optimizer, optimizer_kwargs)
+    if args.max_steps is None or args.max_steps <= 0:
+        args.max_steps = _epochs_to_steps(trainer, base_batch_size)
+    handler = trainer.callback_handler
+    main = AdaScaleCallback(base_batch_size=base_batch_size)
+    for cls, replacement in ((DefaultFlowCallback, AdaScaleFlowCallback(main)), (ProgressCallback, None)):
+        for index, callback in enumerate(handler.callbacks):
+            if type(callback) is cls:
+                handler.callbacks[index] = replacement or AdaScaleProgressCallback(main)
+    handler.callbacks.insert(0, main)  # before the reporters, so they receive adascale/* in on_log
+    return main
+
+
+def _check_world(args: Any) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != args.world_size:
+        raise ValueError(
+            f"the Trainer sees {args.world_size} process(es) but torch.distributed runs {dist.get_world_size()}: "
+            "every rank would train on the same data and AdaScale's S would be wrong. On a machine "
+            "without GPUs pass --use_cpu true (TrainingArguments(use_cpu=True)) so that Accelerate "
+            "shards the data over the gloo ranks"
+        )
+
+
+def _set_optimizer(trainer: Any, optimizer: Any, optimizer_kwargs: dict[str, Any]) -> None:
+    deepspeed_config = getattr(trainer.args, "hf_deepspeed_config", None)
+    json_optimizer = None
+    if deepspeed_config is not None:
+        json_optimizer = deepspeed_config.config.get("optimizer", {}).get("type")
+    if json_optimizer is not None:
+        if str(json_optimizer).lower() != "adascale":
+            raise ValueError(
+                f"the DeepSpeed config builds optimizer type {json_optimizer!r}, not AdaScale: set "
+                '"optimizer": {"type": "AdaScale", "params": {...}} in the DeepSpeed JSON'
+            )
+        if optimizer is not None or optimizer_kwargs:
+            raise ValueError(
+                "with --deepspeed the JSON \"optimizer\" block builds AdaScale: put the base optimizer and "
+                "its arguments in its params, not in enable_adascale()"
+            )
+        return
+    if trainer.optimizer is not None and not isinstance(trainer.optimizer, AdaScale):
+        raise ValueError(
+            f"the Trainer was given a {type(trainer.optimizer).__name__} instance: let enable_adascale() "
+            "set optimizer_cls_and_kwargs instead (the Trainer replaces or rejects instances under "
+            "DeepSpeed and FSDP)"
+        )
+    if trainer.optimizer is not None:
+        return
+    current = trainer.optimizer_cls_and_kwargs
+    if current is not None and current[0] is AdaScale and optimizer is None and not optimizer_kwargs:
+        return
+    kwargs = {"optimizer": optimizer or "SGD", "lr": trainer.args.learning_rate, **optimizer_kwargs}
+    trainer.optimizer_cls_and_kwargs = (AdaScale, kwargs)
+
+
+def _epochs_to_steps(trainer: Any, base_batch_size: int | None) -> int:
+    args = trainer.args
+    dataset = trainer.train_dataset
+    try:
+        samples = len(dataset)
+    except TypeError as err:
+        raise ValueError(
+            "AdaScale needs max_steps (the budget in scale-invariant steps) when the training set has "
+            "no length: set TrainingArguments(max_steps=...)"
+        ) from err
+    base = base_batch_size or args.per_device_train_batch_size
+    return max(1, math.ceil(args.num_train_epochs * samples / base))
+
+
+class AdaScaleCallback(TrainerCallback):
+    """Connects the Trainer's optimizer, scheduler and logs to AdaScale (see the module doc).
+
+    Added by :func:`enable_adascale` as the first callback, so the metrics it adds in ``on_log``
+    reach every reporter.
+    """
+
+    def __init__(self, base_batch_size: int | None = None) -> None:
+        self.base_batch_size = base_batch_size
+        self.adascale: AdaScale | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):  # noqa: ANN001, ANN003
+        adascale = find_adascale(optimizer)
+        if adascale is None:
+            raise RuntimeError(
+                f"AdaScaleCallback: the Trainer's optimizer is {type(optimizer).__name__}, not AdaScale. Call "
+                "enable_adascale(trainer, ...) before train(), or with --deepspeed put "
+                '"optimizer": {"type": "AdaScale"} in the JSON (and import adascale_shard first)'
+            )
+        scale = None if self.base_batch_size is None else _global_batch(args) / self.base_batch_size
+        adascale.set_scale(scale)
+        if model is not None and _is_fsdp2(model):
+            adascale.attach(model)
+        if lr_scheduler is not None:
+            follow_tau(_innermost_scheduler(lr_scheduler), adascale)
+        self.adascale = adascale
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003
+        if self.adascale is None or logs is None or "loss" not in logs:
+            return
+        stats = self.adascale.stats()
+        extra = {f"adascale/{key}": stats[key] for key in LOG_KEYS if math.isfinite(stats[key])}
+        logs.update(extra)
+        if state.log_history:  # the Trainer appended a copy before calling the callbacks
+            state.log_history[-1].update(extra)
+
+
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+class AdaScaleFlowCallback(DefaultFlowCallback):
+    """The Trainer's flow (log, evaluate, save, stop) in scale-invariant steps."""
+
+    def __init__(self, main: AdaScaleCallback) -> None:
+        self.main = main
+        self._last_step = 0  # floor(tau) at the previous update
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        adascale = self.main.adascale
+        self._last_step = math.floor(adascale.tau) if adascale is not None else 0
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        adascale = self.main.adascale
+        if adascale is None:
+            return super().on_step_end(args, state, control, **kwargs)
+        previous, current = self._last_step, math.floor(adascale.tau)
+        self._last_step = current
+
+        def reached(every: float) -> bool:
+            return every > 0 and current // every > previous // every
+
+        if state.global_step == 1 and args.logging_first_step:
+            control.should_log = True
+        if args.logging_strategy == IntervalStrategy.STEPS and reached(state.logging_steps):
+            control.should_log = True
+        evaluate_steps = args.eval_strategy == IntervalStrategy.STEPS and args.eval_delay <= current
+        if evaluate_steps and reached(state.eval_steps):
+            control.should_evaluate = True
+        save_steps = args.save_strategy == IntervalStrategy.STEPS or str(args.save_strategy) == "steps"
+        if save_steps and state.save_steps > 0 and reached(state.save_steps):
+            control.should_save = True
+        if adascale.budget_spent(state.max_steps) or state.global_step >= state.max_steps:
+            control.should_training_stop = True
+            control.should_log = True
+            if evaluate_steps and not control.should_evaluate:
+                control.should_evaluate = True
+            if save_steps:
+                control.should_save = True
+        return control
+
+
+class AdaScaleProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, counting scale-invariant steps to ``max_steps``."""
+
+    def __init__(self, main: AdaScaleCallback, max_str_len: int = 100) -> None:
+        super().__init__(max_str_len=max_str_len)
+        self.main = main
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description("tau")
+        adascale = self.main.adascale
+        self.current_step = math.floor(adascale.tau) if adascale is not None else 0
+        if self.training_bar is not None and self.current_step:
+            self.training_bar.update(self.current_step)
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        adascale = self.main.adascale
+        if self.training_bar is None or adascale is None:
+            return
+        target = min(math.floor(adascale.tau), state.max_steps)
+        self.training_bar.update(target - self.current_step)
+        self.current_step = target
+        self.training_bar.set_postfix(gain=f"{adascale.gain():.2f}", updates=state.global_step, refresh=False)
