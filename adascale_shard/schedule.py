@@ -24,22 +24,23 @@ def follow_tau(scheduler: Any, optimizer: AdaScale) -> None:
     ``last_epoch`` equals ``floor(optimizer.tau)``, however often it is called per update, so
     the schedule is read at scale-invariant steps. Idempotent.
     """
-    if getattr(scheduler, _FOLLOWS_TAU, False):
+    cls = type(scheduler)
+    if getattr(cls, _FOLLOWS_TAU, False):
         return
     if not _counts_steps(scheduler):
         raise TypeError(
-            f"AdaScale cannot drive {type(scheduler).__name__} by floor(tau): it does not count steps "
+            f"AdaScale cannot drive {cls.__name__} by floor(tau): it does not count steps "
             "in last_epoch. Use a step-counting torch.optim.lr_scheduler (LambdaLR, the HF schedules, ...)"
         )
-    step_once = type(scheduler).step
+    step_once = cls.step
 
-    def step_to_tau(*args: Any, **kwargs: Any) -> None:
+    def step(self: Any, *args: Any, **kwargs: Any) -> None:
         target = math.floor(optimizer.tau)
-        while scheduler.last_epoch < target:
-            step_once(scheduler)
+        while self.last_epoch < target:
+            step_once(self)
 
-    scheduler.step = step_to_tau
-    setattr(scheduler, _FOLLOWS_TAU, True)
+    # A subclass, not an instance attribute: schedulers save their whole __dict__ in state_dict().
+    scheduler.__class__ = type(cls.__name__, (cls,), {"step": step, _FOLLOWS_TAU: True, "__module__": cls.__module__})
 
 
 class ScaleInvariantScheduler:

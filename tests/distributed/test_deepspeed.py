@@ -339,10 +339,7 @@ WARMUP = {
 }
 
 
-CHECKPOINT_ROOT = tempfile.mkdtemp(prefix="adascale_ds_ckpt_")
-
-
-def _cases() -> list[Case]:
+def _cases(checkpoint_root: str) -> list[Case]:
     cases = [Case(f"zero{s}_acc{k}", train_deepspeed, (s, k)) for s in STAGES for k in ACCUMULATIONS]
     cases += [Case(f"bf16_zero{s}_acc2", train_deepspeed, (s, 2, "bf16")) for s in STAGES]
     cases += [
@@ -353,17 +350,18 @@ def _cases() -> list[Case]:
         Case("two_groups_zero2_acc2", train_deepspeed, (2, 2, "fp32", "json", None, None, False, True)),
         Case("two_groups_zero3_acc2", train_deepspeed, (3, 2, "fp32", "json", None, None, False, True)),
         Case("errors", config_errors, ()),
-        *[Case(f"resume_zero{s}", resume, (s, os.path.join(CHECKPOINT_ROOT, f"zero{s}"))) for s in (1, 2, 3)],
+        *[Case(f"resume_zero{s}", resume, (s, os.path.join(checkpoint_root, f"zero{s}"))) for s in (1, 2, 3)],
     ]
     return cases
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
+    checkpoint_root = tempfile.mkdtemp(prefix="adascale_ds_ckpt_")  # here: every rank sees the same files
     try:
-        per_rank = run_cases(_cases(), 2, timeout=900, env={"DS_ACCELERATOR": "cpu"})
+        per_rank = run_cases(_cases(checkpoint_root), 2, timeout=900, env={"DS_ACCELERATOR": "cpu"})
     finally:
-        shutil.rmtree(CHECKPOINT_ROOT, ignore_errors=True)
+        shutil.rmtree(checkpoint_root, ignore_errors=True)
     return {"rank0": per_rank[0], "rank1": per_rank[1]}
 
 
