@@ -13,18 +13,20 @@
 the ``Accelerator``) and returns the AdaScale instance, for ``tau``, ``budget_spent``, ``stats`` and
 ``ScaleInvariantScheduler``.
 
-Checkpoints: ``save_state`` keeps AdaScale's ``"adascale"`` state-dict entry on DDP (Accelerate
-saves ``optimizer.state_dict()``), but not on the sharded engines: on FSDP2 Accelerate goes through
-torch's ``get_optimizer_state_dict``, and on DeepSpeed through ``engine.save_checkpoint``, whose
-ZeRO optimizer state holds the base optimizer's tensors only. :class:`AdaScaleCheckpoint` is a
-small ``Stateful`` holding that entry (plain floats, identical on every rank)::
+Checkpoints: what ``save_state`` does with AdaScale's estimator (``tau``, the averages) depends on
+the engine. DDP: Accelerate saves ``optimizer.state_dict()``, which carries it. DeepSpeed:
+``engine.save_checkpoint`` carries it in its ``client_state`` (the patch installed by ``import
+adascale_shard``). FSDP2: Accelerate goes through torch's ``get_optimizer_state_dict``, which keeps
+only ``state`` and ``param_groups`` and drops it. :class:`AdaScaleCheckpoint` is a small
+``Stateful`` holding the estimator alone (plain floats, identical on every rank)::
 
     accelerator.register_for_checkpointing(AdaScaleCheckpoint(optimizer))
 
 Accelerate then writes it next to its own files (``custom_checkpoint_<i>.pkl``, from the main
 process) and restores it in ``load_state`` after the model and the optimizer. Register it on every
-engine (on DDP it is redundant and harmless): ``load_state`` expects the same registered objects
-as ``save_state`` had.
+engine, so one script checkpoints the same way everywhere (where the engine already carries the
+estimator, both copies hold the same values); ``load_state`` expects the same registered objects as
+``save_state`` had.
 
 This module never imports Accelerate or DeepSpeed: it reads the objects it is given.
 """
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..optimizer import STATE_DICT_KEY, AdaScale
+from ..optimizer import AdaScale
 
 __all__ = ["find_adascale", "AdaScaleCheckpoint"]
 
@@ -120,10 +122,11 @@ def find_adascale(obj: Any) -> AdaScale:
 class AdaScaleCheckpoint:
     """AdaScale's estimator as a ``Stateful`` for ``accelerator.register_for_checkpointing``.
 
-    ``state_dict()`` is the ``"adascale"`` entry of :meth:`AdaScale.state_dict` (``tau``, ``gain``,
-    the averages, counters, config: plain Python values, the same on every rank);
-    ``load_state_dict`` restores it and leaves the base optimizer's state (already restored by
-    Accelerate's engine-specific path) as it is.
+    ``state_dict()`` is :meth:`AdaScale.estimator_state_dict` (``tau``, ``gain``, the averages,
+    counters, config: plain Python values, the same on every rank), without the base optimizer's
+    state, which Accelerate's engine-specific path saves and restores (and which, under ZeRO-3,
+    only DeepSpeed can read: between steps the base optimizer's ``param_groups`` do not list the
+    tensors its state is keyed by). ``load_state_dict`` restores the estimator alone.
 
     Args:
         optimizer: anything :func:`find_adascale` accepts (the prepared optimizer, the DeepSpeed
@@ -134,16 +137,14 @@ class AdaScaleCheckpoint:
         self.adascale = find_adascale(optimizer)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.adascale.state_dict()[STATE_DICT_KEY]
+        return self.adascale.estimator_state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "format_version" not in state_dict:
             raise ValueError(
-                "AdaScaleCheckpoint.load_state_dict expects the 'adascale' entry that "
+                "AdaScaleCheckpoint.load_state_dict expects the AdaScale estimator state that "
                 "AdaScaleCheckpoint.state_dict() saved; this checkpoint holds something else at "
                 "this position. Register the same objects, in the same order, before "
                 "accelerator.load_state as before accelerator.save_state"
             )
-        # The base state is the one the engine just restored; hand it back with the estimator's.
-        base = self.adascale.optimizer.state_dict()
-        self.adascale.load_state_dict({**base, STATE_DICT_KEY: state_dict})
+        self.adascale.load_estimator_state_dict(state_dict)
