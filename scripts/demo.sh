@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# The README's main job: a small real DDP training (2 gloo ranks on CPU) with AdaScale on the
-# built-in defaults. Arguments pass through to recipes/train_ddp.py.
+# The README's main job: GPT-2-architecture causal LM on the Python standard library's source,
+# trained by the Hugging Face Trainer with DeepSpeed ZeRO-2 on 2 CPU processes (gloo), with
+# AdaScale from the JSON block in configs/zero2.json. Writes outputs/demo/adascale.png.
+# Extra arguments override the defaults below (e.g. --max_steps 200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/torchrun --nproc_per_node=2 recipes/train_ddp.py "$@"
+export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/torchrun --nproc_per_node=2 recipes/run_clm.py \
+    --deepspeed configs/zero2.json --use_cpu true \
+    --output_dir outputs/demo \
+    --max_steps 1000 --per_device_train_batch_size 8 --gradient_accumulation_steps 2 \
+    --learning_rate 0.1 --warmup_steps 50 --lr_scheduler_type cosine \
+    --logging_steps 10 --eval_strategy steps --eval_steps 200 --save_strategy no \
+    --report_to tensorboard --seed 0 "$@"

@@ -264,7 +264,7 @@ class AdaScaleFlowCallback(DefaultFlowCallback):
         evaluate_steps = args.eval_strategy == IntervalStrategy.STEPS and args.eval_delay <= current
         if evaluate_steps and reached(state.eval_steps):
             control.should_evaluate = True
-        save_steps = args.save_strategy == IntervalStrategy.STEPS or str(args.save_strategy) == "steps"
+        save_steps = args.save_strategy == "steps"  # SaveStrategy and IntervalStrategy are str enums
         if save_steps and state.save_steps > 0 and reached(state.save_steps):
             control.should_save = True
         if adascale.budget_spent(state.max_steps) or state.global_step >= state.max_steps:
