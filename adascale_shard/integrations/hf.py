@@ -35,6 +35,7 @@ What the Trainer's settings mean under AdaScale (``TrainingArguments``):
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -53,6 +54,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 __all__ = ["enable_adascale", "find_adascale", "AdaScaleCallback", "LOG_KEYS"]
+
+logger = logging.getLogger(__name__)
 
 LOG_KEYS = ("gain", "tau", "var", "sqr", "noise_scale", "effective_lr", "updates")
 
@@ -214,6 +217,12 @@ class AdaScaleCallback(TrainerCallback):
         adascale.set_scale(scale)
         if model is not None and _is_fsdp2(model):
             adascale.attach(model)
+        elif getattr(args, "fsdp", None) and args.world_size > 1:
+            # Accelerate applies FSDP only on accelerator devices; on CPU the Trainer runs DDP.
+            logger.warning(
+                "AdaScale: --fsdp was given but the model is not sharded (Accelerate runs FSDP only on "
+                "accelerator devices; on CPU the Trainer fell back to DDP). AdaScale uses DDP statistics"
+            )
         if lr_scheduler is not None:
             follow_tau(_innermost_scheduler(lr_scheduler), adascale)
         self.adascale = adascale
