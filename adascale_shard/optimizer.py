@@ -283,9 +283,10 @@ class AdaScale(torch.optim.Optimizer):
         return self._gain
 
     def set_scale(self, scale: float | None) -> None:
-        """Change ``S`` (``None``: ``S = N``) from the next update on, e.g. when a launcher knows
-        the global and base batch only after the optimizer was built. The averages are kept: they
-        describe the model and the base batch, not the scale."""
+        """Change ``S`` (``None``: ``S = N``) from the next update on: when a launcher knows the
+        global and base batch only after the optimizer was built, or when the global batch changes
+        (elastic training). The averages are kept: they describe the model and the base batch, not
+        the scale, so the base batch must stay the one the schedule was tuned with."""
         self.config = dataclasses.replace(self.config, scale=scale)
 
     def budget_spent(self, steps: float) -> bool:
