@@ -1,0 +1,48 @@
+"""Fuzz the DeepSpeed JSON ``params`` block: any JSON value either builds a valid AdaScale or
+raises ValueError/TypeError whose message names a setting; nothing else escapes."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adascale_shard import AdaScale
+from adascale_shard.integrations.deepspeed import build_optimizer
+
+json_scalars = st.none() | st.booleans() | st.integers(-10, 10) | st.floats(allow_nan=True) | st.text(max_size=8)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=4)
+keys = st.sampled_from(
+    ["optimizer", "lr", "momentum", "scale", "smoothing", "lr_scaling", "min_relative_var", "betas", "weight_decay", "foo"]
+)
+known_values = {
+    "optimizer": st.sampled_from(["SGD", "sgd", "AdamW", "Adam", "Lion", "adascale", ""]) | json_values,
+    "lr": st.floats(0, 1) | json_values,
+    "scale": st.none() | st.floats(-2, 64) | st.integers(0, 64) | json_values,
+    "smoothing": st.none() | st.floats(-1, 1.5) | json_values,
+    "lr_scaling": st.sampled_from(["gain", "sqrt", "linear"]) | json_values,
+}
+
+
+@st.composite
+def params_blocks(draw):
+    block = {}
+    for key in draw(st.lists(keys, max_size=6, unique=True)):
+        block[key] = draw(known_values.get(key, json_values))
+    return block
+
+
+@settings(max_examples=300, deadline=None)
+@given(block=params_blocks())
+def test_json_params_build_or_fail_clearly(block):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    try:
+        opt = build_optimizer(params, block)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        assert len(message) > 20, message
+        assert any(word in message for word in ("optimizer", "lr", "scale", "smoothing", "parameter", "argument", "momentum", "must", "AdaScale", "Invalid")), message
+        return
+    assert isinstance(opt, AdaScale)
+    assert opt.config.scale is None or (math.isfinite(opt.config.scale) and opt.config.scale >= 1)
+    assert opt.config.smoothing is None or 0 <= opt.config.smoothing < 1
