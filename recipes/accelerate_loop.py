@@ -237,10 +237,11 @@ def engine_name(accelerator, args: argparse.Namespace) -> str:
         if not dist.is_initialized():
             raise RuntimeError("--manual_fsdp2 needs several processes: launch with torchrun --nproc_per_node=2")
         return "fsdp2"
-    if accelerator.num_processes != launched:
+    if accelerator.num_processes != launched or (kind == DistributedType.NO and launched > 1):
         raise RuntimeError(
             f"the launcher started {launched} processes but Accelerate set up {kind} with "
-            f"{accelerator.num_processes}: each process would train alone. On a machine without a GPU "
+            f"{accelerator.num_processes} process(es) and no data parallelism: each process would train "
+            "alone. On a machine without a GPU "
             "pass --cpu (DDP on gloo; `accelerate launch` does not pass the config's use_cpu on to a "
             "multi-process launch), or use a DeepSpeed config with DS_ACCELERATOR=cpu"
         )
@@ -341,8 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, DummyOptim, InitProcessGroupKwargs
 
-    # Without a GPU Accelerate would pick no backend for DeepSpeed (and count one process).
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    # Several processes without a GPU: name the backend, or Accelerate picks none for DeepSpeed
+    # (and counts one process).
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
     accelerator = Accelerator(
         cpu=args.cpu, gradient_accumulation_steps=args.gradient_accumulation_steps, kwargs_handlers=handlers
     )

@@ -33,6 +33,7 @@ This module never imports Accelerate or DeepSpeed: it reads the objects it is gi
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from ..optimizer import AdaScale
@@ -52,6 +53,13 @@ def _walk_optimizers(obj: Any) -> list[Any]:
             break
         chain.append(inner)
     return chain
+
+
+def _is_accelerator(obj: Any) -> bool:
+    """True for an ``accelerate.Accelerator``, without importing Accelerate (if it was never
+    imported, no Accelerator can exist)."""
+    module = sys.modules.get("accelerate")
+    return module is not None and isinstance(obj, module.Accelerator)
 
 
 def find_adascale(obj: Any) -> AdaScale:
@@ -76,8 +84,8 @@ def find_adascale(obj: Any) -> AdaScale:
     """
     if isinstance(obj, AdaScale):
         return obj
-    if hasattr(obj, "deepspeed_engine_wrapped") and hasattr(obj, "_optimizers"):  # an Accelerator
-        wrapped = getattr(obj, "deepspeed_engine_wrapped", None)
+    if _is_accelerator(obj):
+        wrapped = getattr(obj, "deepspeed_engine_wrapped", None)  # set under DeepSpeed only
         if wrapped is not None:
             return find_adascale(wrapped.engine)
         found = []

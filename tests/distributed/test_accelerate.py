@@ -7,7 +7,7 @@ every launch writes ``log.jsonl`` (one line per update). A plain-PyTorch version
 (no Accelerate: ``DistributedDataParallel``, ``fully_shard``, ``deepspeed.initialize``; the same
 data, micro-batch order, seeds, clipping and ``floor(tau)`` schedule) runs in one batched harness
 launch, and the gain sequences are compared. One more launch shows that Accelerate does not run
-FSDP on this CPU-only machine (the recipe stops with its error). About 90 s on 2 cores.
+FSDP on this CPU-only machine (the recipe stops with its error). About 2 minutes on 2 cores.
 
 ``pytest -s tests/distributed/test_accelerate.py`` prints the table of differences.
 """
@@ -46,10 +46,11 @@ TINY = [
     "--max_grad_norm", str(MAX_GRAD_NORM),
 ]  # fmt: skip
 # fp32 everywhere. The Accelerate launch and the plain path of the same engine run the same
-# operations in the same order, so they agree to float rounding at most (measured: identical, or a
-# few ulps where Accelerate's clipping helper sums the norm differently); rtol 1e-5 / atol 1e-6
-# leaves room for that and fails on any lost micro-batch, wrong data order or normalisation slip
-# (each moves the gain by far more: the gains here vary by ~1e-2 between updates).
+# operations in the same order, so they agree to float rounding (measured over two sessions: gain
+# within 5e-8, tau within 2e-7, identical in one of them; separate processes can round a few ulps
+# apart). rtol 1e-5 / atol 1e-6 leaves ~50x room for that and fails on any lost micro-batch, wrong
+# data order or normalisation slip (each moves the gain by far more: the gains here vary by ~1e-2
+# between updates).
 GAIN_RTOL, GAIN_ATOL = 1e-5, 1e-6
 ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 
@@ -305,15 +306,19 @@ def test_gains_equal_the_plain_pytorch_path(runs, engine):
 
 @pytest.mark.parametrize("engine", PARAMS)
 def test_resume_reproduces_the_uninterrupted_run(runs, engine):
-    """``save_state`` at update RESUME_AT, a fresh launch with ``load_state``: the same updates,
-    bit for bit (tau, gain, the scheduled learning rate and the loss)."""
+    """``save_state`` at update RESUME_AT, a fresh launch with ``load_state``: the same updates
+    (tau, gain, the scheduled learning rate and the loss). Measured: identical, bit for bit; the
+    tolerance is the gain tolerance (separate processes may round a few ulps apart), far below
+    what a lost estimator would cost (a restarted average moves the next gain by ~1e-2)."""
     full = updates(runs["full"][engine])
     resumed = updates(runs["resumed"][engine])
     assert runs["resumed"][engine][-1]["summary"]["start_update"] == RESUME_AT
     assert [r["update"] for r in resumed] == [r["update"] for r in full[RESUME_AT:]]
-    for mine, theirs in zip(resumed, full[RESUME_AT:]):
-        for key in ("tau", "gain", "lr", "loss"):
-            assert mine[key] == theirs[key], (key, mine["update"], mine[key], theirs[key])
+    for key in ("tau", "gain", "lr", "loss"):
+        torch.testing.assert_close(
+            [r[key] for r in resumed], [r[key] for r in full[RESUME_AT:]], rtol=GAIN_RTOL, atol=GAIN_ATOL,
+            check_dtype=False, msg=lambda m, key=key: f"{key}: {m}",
+        )  # fmt: skip
 
 
 def test_accelerate_does_not_run_fsdp_on_cpu(runs):
