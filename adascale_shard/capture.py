@@ -31,6 +31,9 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+_NORM_DTYPES = {dtype: _norm_dtype(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
 def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
     """Squared norm of the ``.grad`` of each group, as a float64 tensor on ``device``.
 
@@ -38,17 +41,15 @@ def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.devic
     """
     out = torch.zeros(len(groups), dtype=torch.float64, device=device)
     for index, params in enumerate(groups):
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            grad = p.grad
-            if grad is not None:
-                # A DTensor (FSDP2) contributes its local shard; the shards are summed over ranks.
-                local = grad.to_local() if hasattr(grad, "to_local") else grad
-                by_dtype.setdefault(_norm_dtype(local.dtype), []).append(local.detach())
-        for dtype, grads in by_dtype.items():
-            norms = torch._foreach_norm(grads, 2, dtype=dtype)
-            total = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
-            out[index] += total.square().sum()
+        # A DTensor (FSDP2) contributes its local shard; the shards are summed over ranks.
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
+        if not grads:
+            continue
+        dtypes = {g.dtype for g in grads}
+        for dtype in dtypes:
+            same = grads if len(dtypes) == 1 else [g for g in grads if g.dtype == dtype]
+            norms = torch.stack(torch._foreach_norm(same, 2, dtype=_norm_dtype(dtype)))
+            out[index] += norms.to(device=device, dtype=torch.float64).square().sum()
     return out
 
 
@@ -94,6 +95,8 @@ class MicroGradCapture:
         self._nodes: list[torch.autograd.graph.Node] = []
         self.device: torch.device | None = None
         self._micro_sqr: torch.Tensor | None = None
+        self._micro_sqr_views: list[torch.Tensor] = []
+        self._pass_norms: list[list[torch.Tensor]] = []  # per group: this pass's hooked norms
         self._grad_sqr: torch.Tensor | None = None
         self.passes = 0
         self.dropped_windows = 0
@@ -121,6 +124,8 @@ class MicroGradCapture:
         if self.device is not None:
             self._micro_sqr = self._grow(self._micro_sqr)
             self._grad_sqr = self._grow(self._grad_sqr)
+            self._micro_sqr_views = list(self._micro_sqr.unbind(0))  # one view per group, made once
+        self._pass_norms.append([])
 
     def _grow(self, acc: torch.Tensor | None) -> torch.Tensor:
         new = torch.zeros(len(self.groups), dtype=torch.float64, device=self.device)
@@ -196,8 +201,10 @@ class MicroGradCapture:
             self._warn_split_gradient()
         self._fired.add(key)
         self._last_param = param if owner is None else owner
-        sq = torch.linalg.vector_norm(grad.detach(), dtype=_norm_dtype(grad.dtype)).square()
-        self._micro_sqr.select(0, group_index).add_(sq.to(self._micro_sqr.device, non_blocking=True))
+        # One fused norm kernel per hook (no temporary); the norms of a pass are summed when it
+        # closes, in one stack-square-sum per group.
+        norm = torch.linalg.vector_norm(grad, dtype=_NORM_DTYPES.get(grad.dtype) or _norm_dtype(grad.dtype))
+        self._pass_norms[group_index].append(norm if norm.device == self.device else norm.to(self.device, non_blocking=True))
 
     def _warn_split_gradient(self) -> None:
         if self._warned_split:
@@ -227,6 +234,10 @@ class MicroGradCapture:
         self.passes += 1
         self._pass_open = False
         self._fired.clear()
+        for view, norms in zip(self._micro_sqr_views, self._pass_norms):
+            if norms:
+                view.add_(torch.stack(norms).to(torch.float64).square().sum())
+                norms.clear()
         if self.snapshot_on_close:
             self.snapshot_grad_sqr()
         param, self._last_param = self._last_param, None
@@ -263,4 +274,6 @@ class MicroGradCapture:
         """Start a new window (the optimizer calls this when an update consumes one)."""
         self.passes = 0
         self._micro_sqr.zero_()
+        for norms in self._pass_norms:
+            norms.clear()
         self._sentinel = None
