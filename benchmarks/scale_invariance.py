@@ -1,0 +1,306 @@
+"""The paper's Table 2 protocol on CPU-sized tasks: does AdaScale keep model quality as S grows?
+
+For each task, a base run at ``S = 1`` with a tuned schedule (a small learning-rate sweep picks
+it) for ``T1`` steps; then for each scale ``S`` (simulated: ``S`` micro-batches of the base size
+per update, in one process) and each seed:
+
+* ``AS``   AdaScale: the base schedule read at ``floor(tau)``, ``lr x gain``, stop at ``tau >= T1``;
+* ``LSW``  linear scaling with warm-up: ``lr x S``, the base schedule compressed to
+  ``ceil(T1 / S)`` steps, linear warm-up over the first 5% of them;
+* ``LSW+`` the LSW schedule stretched to the number of steps AdaScale took.
+
+Tasks: ``digits`` (scikit-learn's 8x8 digits, an MLP, validation accuracy) and ``lm`` (a small
+GPT-2-architecture model on the Python standard library's source, bytes as tokens, validation
+loss). Every finished run is appended at once to ``--output`` (JSON lines), so a partial grid is a
+result. ``--quick`` runs a reduced grid in a few minutes. ``--plot`` draws the PNG from the file.
+
+    .venv/bin/python benchmarks/scale_invariance.py --task digits --quick
+    .venv/bin/python benchmarks/scale_invariance.py --task lm --scales 1 2 4 8 16 32 64 --seeds 0 1
+    .venv/bin/python benchmarks/scale_invariance.py --plot benchmarks/results/scale_invariance.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from adascale_shard import AdaScale, ScaleInvariantScheduler
+
+TASKS = {
+    # base batch, T1, lr candidates, evaluation metric (higher is better?)
+    "digits": {"batch": 16, "steps": 1500, "quick_steps": 400, "lrs": [0.01, 0.03, 0.1, 0.3], "metric": "val_accuracy", "higher": True},
+    "lm": {"batch": 8, "steps": 800, "quick_steps": 200, "lrs": [0.03, 0.1, 0.3, 1.0], "metric": "val_loss", "higher": False},
+}
+MOMENTUM = 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: data, model, loss, evaluation.
+# ---------------------------------------------------------------------------------------------
+class Digits:
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+        y = torch.tensor(data.target)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        x, y = x[perm], y[perm]
+        self.train = (x[:1400], y[:1400])
+        self.val = (x[1400:], y[1400:])
+
+    def model(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+    def batch(self, size: int, gen: torch.Generator):
+        idx = torch.randint(len(self.train[0]), (size,), generator=gen)
+        return self.train[0][idx], self.train[1][idx]
+
+    def loss(self, model, batch) -> torch.Tensor:  # noqa: ANN001
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:  # noqa: ANN001
+        logits = model(self.val[0])
+        return {
+            "val_accuracy": (logits.argmax(1) == self.val[1]).float().mean().item(),
+            "val_loss": torch.nn.functional.cross_entropy(logits, self.val[1]).item(),
+        }
+
+
+class ByteLM:
+    SEQ = 32
+
+    def __init__(self) -> None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        data = b"".join(p.read_bytes() for p in sorted(stdlib.glob("*.py")))[:1_000_000]
+        tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        split = int(0.95 * len(tokens))
+        self.train_tokens, val_tokens = tokens[:split], tokens[split:]
+        gen = torch.Generator().manual_seed(1)
+        start = torch.randint(len(val_tokens) - self.SEQ - 1, (128,), generator=gen)
+        self.val = val_tokens[start[:, None] + torch.arange(self.SEQ + 1)]
+
+    def model(self, seed: int) -> torch.nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(seed)
+        config = GPT2Config(vocab_size=256, n_positions=self.SEQ, n_embd=64, n_layer=2, n_head=2)
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+        return GPT2LMHeadModel(config)
+
+    def batch(self, size: int, gen: torch.Generator):
+        start = torch.randint(len(self.train_tokens) - self.SEQ - 1, (size,), generator=gen)
+        return self.train_tokens[start[:, None] + torch.arange(self.SEQ)]
+
+    def loss(self, model, batch) -> torch.Tensor:  # noqa: ANN001
+        return model(input_ids=batch, labels=batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:  # noqa: ANN001
+        ids = self.val[:, : self.SEQ]
+        return {"val_loss": model(input_ids=ids, labels=ids).loss.item()}
+
+
+def make_task(name: str):
+    return Digits() if name == "digits" else ByteLM()
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and the three methods.
+# ---------------------------------------------------------------------------------------------
+def base_schedule(steps: int):
+    """The schedule tuned at S = 1: cosine decay over T1 steps (multiplier of the base lr)."""
+    return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
+
+
+def lsw_schedule(base_steps: int, steps: int, scale: float):
+    """Linear scaling with warm-up: lr x S, the base schedule compressed to `steps` steps."""
+    base = base_schedule(base_steps)
+    warmup = max(1, math.ceil(0.05 * steps))
+
+    def multiplier(t: int) -> float:
+        ramp = min(1.0, (t + 1) / warmup)
+        return scale * ramp * base(t * base_steps / steps)
+
+    return multiplier
+
+
+def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: int, stretch_to: int | None = None) -> dict:
+    model = task.model(seed)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    base = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+    losses: list[float] = []
+    started = time.perf_counter()
+    diverged = False
+    if method == "AS":
+        opt = AdaScale(base, scale=None if scale > 1 else None)
+        sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)))
+        updates = 0
+        gains = []
+        while not opt.budget_spent(steps):
+            total = 0.0
+            for _ in range(scale):
+                loss = task.loss(model, task.batch(batch, gen)) / scale
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+            updates += 1
+            losses.append(total)
+            gains.append(opt.gain())
+            if not math.isfinite(total):
+                diverged = True
+                break
+        extra = {"mean_gain": sum(gains) / len(gains), "final_gain": gains[-1]}
+    else:
+        updates_planned = stretch_to if method == "LSW+" else math.ceil(steps / scale)
+        sched = torch.optim.lr_scheduler.LambdaLR(base, lsw_schedule(steps, updates_planned, scale))
+        updates = 0
+        for _ in range(updates_planned):
+            total = 0.0
+            for _ in range(scale):
+                loss = task.loss(model, task.batch(batch, gen)) / scale
+                loss.backward()
+                total += loss.item()
+            base.step()
+            base.zero_grad()
+            sched.step()
+            updates += 1
+            losses.append(total)
+            if not math.isfinite(total):
+                diverged = True
+                break
+        extra = {}
+    metrics = task.evaluate(model) if not diverged else {}
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "method": method,
+        "scale": scale,
+        "seed": seed,
+        "lr": lr,
+        "updates": updates,
+        "micro_batches": updates * scale,
+        "train_loss": sum(tail) / len(tail) if not diverged else None,
+        "diverged": diverged,
+        "seconds": time.perf_counter() - started,
+        **metrics,
+        **extra,
+    }
+
+
+def better(a: dict, b: dict | None, spec: dict) -> bool:
+    if b is None:
+        return True
+    key = spec["metric"]
+    if a.get(key) is None:
+        return False
+    if b.get(key) is None:
+        return True
+    return a[key] > b[key] if spec["higher"] else a[key] < b[key]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="digits")
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--quick", action="store_true", help="scales 1 4 16, one seed, short T1")
+    p.add_argument("--output", default="benchmarks/results/scale_invariance.jsonl")
+    p.add_argument("--plot", metavar="JSONL", help="only draw the PNG from a results file")
+    args = p.parse_args()
+    if args.plot:
+        print(plot(Path(args.plot)))
+        return
+    torch.set_num_threads(1)
+    spec = TASKS[args.task]
+    steps = spec["quick_steps"] if args.quick else spec["steps"]
+    scales = [1, 4, 16] if args.quick else args.scales
+    seeds = [0] if args.quick else args.seeds
+    task = make_task(args.task)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+
+    def record(row: dict) -> None:
+        row.update(task=args.task, T1=steps, batch=spec["batch"], run_id=run_id, quick=args.quick)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        metric = row.get(spec["metric"])
+        shown = f"{metric:.4f}" if metric is not None else "diverged"
+        print(
+            f"{args.task} {row['method']:5s} S={row['scale']:<3d} seed {row['seed']} lr {row['lr']:<5g} "
+            f"{spec['metric']} {shown}  updates {row['updates']:5d}  {row['seconds']:.1f}s",
+            flush=True,
+        )
+
+    # The base run's learning rate: a small sweep at S = 1, seed 0.
+    best = None
+    for lr in spec["lrs"]:
+        row = run(task, "AS", 1, lr, steps, 0, spec["batch"])
+        row["method"] = "sweep"
+        record(row)
+        if better(row, best, spec):
+            best = row
+    lr = best["lr"]
+    print(f"{args.task}: tuned base lr {lr}", flush=True)
+    for seed in seeds:
+        for scale in scales:
+            adascale = run(task, "AS", scale, lr, steps, seed, spec["batch"])
+            record(adascale)
+            if scale == 1:
+                continue
+            record(run(task, "LSW", scale, lr, steps, seed, spec["batch"]))
+            record(run(task, "LSW+", scale, lr, steps, seed, spec["batch"], stretch_to=adascale["updates"]))
+    print(plot(out))
+
+
+def plot(path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    tasks = sorted({r["task"] for r in rows if r["method"] != "sweep"})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6 * max(1, len(tasks)), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], tasks):
+        spec = TASKS[name]
+        key = spec["metric"]
+        task_rows = [r for r in rows if r["task"] == name and r["method"] != "sweep"]
+        latest_quick = task_rows[-1]["quick"] if task_rows else False
+        task_rows = [r for r in task_rows if r["quick"] == latest_quick]
+        for method, style in (("AS", "o-"), ("LSW", "s--"), ("LSW+", "^:")):
+            points = {}
+            for r in task_rows:
+                if r["method"] == method or (method != "AS" and r["method"] == "AS" and r["scale"] == 1):
+                    value = r.get(key)
+                    points.setdefault(r["scale"], []).append(value if value is not None else math.nan)
+            if points:
+                xs = sorted(points)
+                ax.plot(xs, [sum(points[s]) / len(points[s]) for s in xs], style, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("scale S")
+        ax.set_ylabel(key)
+        ax.set_title(f"{name}: T1 = {task_rows[0]['T1'] if task_rows else '?'} steps at S = 1")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return f"plot: {png}"
+
+
+if __name__ == "__main__":
+    main()
