@@ -133,6 +133,16 @@ def lsw_schedule(base_steps: int, steps: int, scale: float):
     return multiplier
 
 
+def accumulate(task, model, scale: int, batch: int, gen: torch.Generator) -> float:  # noqa: ANN001
+    """Backward over `scale` micro-batches of the base size (one simulated update); the loss."""
+    total = 0.0
+    for _ in range(scale):
+        loss = task.loss(model, task.batch(batch, gen)) / scale
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: int, stretch_to: int | None = None) -> dict:
     model = task.model(seed)
     gen = torch.Generator().manual_seed(10_000 + seed)
@@ -141,16 +151,12 @@ def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: 
     started = time.perf_counter()
     diverged = False
     if method == "AS":
-        opt = AdaScale(base, scale=None if scale > 1 else None)
+        opt = AdaScale(base)  # S = N = scale micro-batches of the base size
         sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)))
         updates = 0
         gains = []
         while not opt.budget_spent(steps):
-            total = 0.0
-            for _ in range(scale):
-                loss = task.loss(model, task.batch(batch, gen)) / scale
-                loss.backward()
-                total += loss.item()
+            total = accumulate(task, model, scale, batch, gen)
             opt.step()
             opt.zero_grad()
             sched.step()
@@ -166,11 +172,7 @@ def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: 
         sched = torch.optim.lr_scheduler.LambdaLR(base, lsw_schedule(steps, updates_planned, scale))
         updates = 0
         for _ in range(updates_planned):
-            total = 0.0
-            for _ in range(scale):
-                loss = task.loss(model, task.batch(batch, gen)) / scale
-                loss.backward()
-                total += loss.item()
+            total = accumulate(task, model, scale, batch, gen)
             base.step()
             base.zero_grad()
             sched.step()
