@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     update = start_update
     losses: list[torch.Tensor] = []
     grad_norm = float("nan")
+    batches = loader
     started = time.perf_counter()
     model.train()
     while not adascale.budget_spent(args.budget):
@@ -459,6 +460,10 @@ def main(argv: list[str] | None = None) -> None:
             f"last gain {adascale.gain():.3f}; log in {out / 'log.jsonl'}"
         )
     accelerator.wait_for_everyone()
+    # Release the engines (DDP's reducer, DeepSpeed's engine hold the process group) before the
+    # group is destroyed; the other way round, gloo sometimes aborts at exit.
+    del model, optimizer, adascale, scheduler, loader, batches
+    accelerator.free_memory()
     accelerator.end_training()
 
 

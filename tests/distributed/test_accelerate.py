@@ -122,7 +122,7 @@ def _recipe():
     return module
 
 
-def plain_case(rank: int, world: int, engine: str) -> dict:
+def plain_case(rank: int, world: int, engine: str, clip: bool = True, max_updates: int | None = None) -> dict:
     """Accelerate's data order, by hand: its DataLoader shard gives process ``r`` the global
     batches ``r, r + W, r + 2W, ...``, so micro-batch ``k`` of update ``u`` on rank ``r`` is global
     batch ``(u K + k) W + r``."""
@@ -131,7 +131,7 @@ def plain_case(rank: int, world: int, engine: str) -> dict:
     from adascale_shard import AdaScale, ScaleInvariantScheduler
 
     recipe = _recipe()
-    args = recipe.parse_args(TINY)
+    args = recipe.parse_args(TINY if clip else [*TINY, "--max_grad_norm", "0"])
     size, accumulation = args.per_device_batch_size, args.gradient_accumulation_steps
     windows = recipe.build_dataset(args, world).windows
     per_rank = len(windows) // size // world
@@ -187,14 +187,15 @@ def plain_case(rank: int, world: int, engine: str) -> dict:
                 sync = contextlib.nullcontext() if last or engine != "ddp" else wrapped.no_sync()
                 with sync:
                     (wrapped(input_ids=x, labels=x).loss / accumulation).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             adascale.step()
             adascale.zero_grad()
 
     schedule = ScaleInvariantScheduler(adascale, torch.optim.lr_scheduler.LambdaLR(adascale, recipe.base_schedule(args)))
     out = {"gain": [], "tau": [], "lr": []}
     update = 0
-    while not adascale.budget_spent(args.budget):
+    while not adascale.budget_spent(args.budget) and update != max_updates:
         lr = adascale.param_groups[0]["lr"]
         run_update(update)
         schedule.step()
@@ -221,6 +222,8 @@ def runs(tmp_path_factory):
         checkpoint = full / f"update_{RESUME_AT}"
         results["resumed"][engine] = train(command(engine, resumed, "--resume_from_checkpoint", str(checkpoint)), resumed)
     cases = [Case(engine, plain_case, (engine,)) for engine in results["full"]]
+    # The first update without any clipping: the gain every engine must reproduce although it clipped.
+    cases += [Case(f"{engine}_unclipped", plain_case, (engine, False, 1)) for engine in ("ddp", "zero2") if engine in results["full"]]
     per_rank = run_cases(cases, 2, timeout=600, env={"DS_ACCELERATOR": "cpu"})
     results["plain"] = per_rank[0]
     results["plain_rank1"] = per_rank[1]
@@ -254,6 +257,9 @@ def test_difference_table(runs):
         tail = {r["update"]: r for r in got}
         resume = max(abs(r[k] - tail[r["update"]][k]) for r in resumed for k in ("gain", "tau", "loss"))
         print(f"{engine:8} {len(got):7d} {got[-1]['tau']:10.4f} {gain:19.2e} {tau:18.2e} {resume:18.2e}")
+    first = {name: plain["gain"][0] for name, plain in runs["plain"].items() if name.endswith("_unclipped")}
+    print(f"first-update gain without clipping (plain references): {first}; with clipping: "
+          f"{ {engine: updates(records)[0]['gain'] for engine, records in runs['full'].items()} }")
 
 
 @pytest.mark.parametrize("engine", PARAMS)
@@ -285,11 +291,18 @@ def test_schedule_is_read_at_floor_tau(runs, engine):
 
 
 @pytest.mark.parametrize("engine", PARAMS)
-def test_clipping_was_active(runs, engine):
-    """The gains below equal the plain path's although most updates were clipped: the statistics
-    are the pre-clip ones on every engine."""
-    norms = [r["grad_norm"] for r in updates(runs["full"][engine])]
+def test_statistics_are_taken_before_clipping(runs, engine):
+    """Most updates were clipped (the gradient norm before clipping is above --max_grad_norm), and
+    the first update's gain equals that of a plain run that does not clip at all (DDP and ZeRO-2
+    references, which agree with each other): AdaScale saw the pre-clip gradients on every engine.
+    Statistics read after clipping would give a very different gain (||G||^2 shrunk ~5x)."""
+    got = updates(runs["full"][engine])
+    norms = [r["grad_norm"] for r in got]
+    assert norms[0] > 2 * MAX_GRAD_NORM
     assert sum(n > MAX_GRAD_NORM for n in norms) >= len(norms) // 2
+    for name, plain in runs["plain"].items():
+        if name.endswith("_unclipped"):
+            assert got[0]["gain"] == pytest.approx(plain["gain"][0], rel=GAIN_RTOL, abs=GAIN_ATOL), name
 
 
 @pytest.mark.parametrize("engine", PARAMS)
