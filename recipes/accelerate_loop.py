@@ -330,7 +330,7 @@ def load_checkpoint(accelerator, path: Path, args, model, adascale: AdaScale, sc
 # Training.
 # ---------------------------------------------------------------------------------------------
 def mean_over_processes(values: list[torch.Tensor]) -> float:
-    local = torch.stack(values).mean().detach().float().cpu()
+    local = torch.stack(values).mean().detach().float()  # on the training device (NCCL needs it there)
     if dist.is_initialized():
         dist.all_reduce(local)
         local /= dist.get_world_size()
