@@ -18,9 +18,13 @@ How AdaScale meets Accelerate here:
 * DeepSpeed: Accelerate's ``DummyOptim``; the JSON's ``"optimizer": {"type": "AdaScale"}`` block
   builds AdaScale inside ``deepspeed.initialize`` (``import adascale_shard`` registers the type).
 * ``find_adascale`` gets the AdaScale instance behind whatever ``prepare`` returned; the schedule
-  (warm-up, cosine) is a ``LambdaLR`` on it, read at ``floor(tau)`` by ``ScaleInvariantScheduler``
-  and stepped once per update, not handed to ``prepare``: Accelerate's ``AcceleratedScheduler``
-  counts per-process batches (it steps its scheduler ``num_processes`` times per update).
+  (warm-up, cosine) is a ``LambdaLR`` on it, read at ``floor(tau)`` by ``ScaleInvariantScheduler``,
+  stepped after each update and registered for checkpointing. It is not handed to ``prepare``:
+  ``prepare`` returns a ``ScaleInvariantScheduler`` as it is, without saving it in ``save_state``
+  (it is no ``LRScheduler``), and a bare torch scheduler handed to ``prepare`` becomes an
+  ``AcceleratedScheduler``, which steps it ``num_processes`` times per update (a schedule counted in
+  per-process batches), not at ``floor(tau)``. Under DeepSpeed the engine has no scheduler here
+  (no ``"scheduler"`` block in the JSON); the same ``ScaleInvariantScheduler`` drives the rate.
 * ``accelerator.accumulate`` + ``accelerator.clip_grad_norm_``: AdaScale takes its statistics
   before the clipping (on DeepSpeed the JSON's ``gradient_clipping`` clips, and ``"auto"`` is
   filled with ``--max_grad_norm``). Training stops when ``tau`` reaches ``--budget``.
