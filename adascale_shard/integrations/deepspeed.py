@@ -15,7 +15,8 @@ imports DeepSpeed itself). The patch
 * drops the statistics of an update the engine skipped (fp16 overflow);
 * reads the engine's scheduler at ``floor(tau)`` (see :func:`_follow_tau`);
 * puts AdaScale's estimator into ``save_checkpoint``'s ``client_state`` and restores it in
-  ``load_checkpoint`` (ZeRO's own optimizer checkpoint keeps only per-parameter state).
+  ``load_checkpoint``, so it survives checkpoint formats that keep only per-parameter optimizer
+  state (ZeRO's ``elastic_checkpoint``, universal checkpoints).
 
 Where the statistics come from (``../shared/design/ALGORITHM.md``):
 
@@ -180,8 +181,8 @@ def patch_engine(module: Any) -> None:
         return result
 
     def _save_checkpoint(self, save_dir, tag=None, client_state=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        # ZeRO's optimizer checkpoint keeps only the base optimizer's per-parameter state, not
-        # AdaScale's estimator: it travels in the engine's client_state instead.
+        # Some ZeRO checkpoint formats (elastic, universal) keep only the base optimizer's
+        # per-parameter state: the estimator travels in the engine's client_state as well.
         adascale = getattr(self, "basic_optimizer", None)
         client_state = dict(client_state or {})
         if isinstance(adascale, AdaScale):
