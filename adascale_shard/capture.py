@@ -53,6 +53,23 @@ def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.devic
     return out
 
 
+def _gradient_accumulator(param: torch.Tensor) -> torch.autograd.graph.Node:
+    """The autograd node that accumulates into ``param.grad``.
+
+    The node records the parameter's shape when it is created. A ZeRO-3 parameter partitioned at
+    construction (``deepspeed.zero.Init``, as the HF Trainer builds models) has shape ``[0]`` until
+    gathered, so it is gathered for the moment the node is made, as DeepSpeed does for its own hooks
+    (a collective: every rank hooks the same parameters in the same order).
+    """
+    ds_numel = getattr(param, "ds_numel", None)
+    if ds_numel is not None and param.numel() != ds_numel:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return torch.autograd.graph.get_gradient_edge(param).node
+    return torch.autograd.graph.get_gradient_edge(param).node
+
+
 class MicroGradCapture:
     """Per-group sums of squared local micro-gradient norms over an update window.
 
@@ -149,7 +166,7 @@ class MicroGradCapture:
             # to add into .grad: torch.autograd.grad() (gradient penalties, norm probes) computes
             # the same gradients without accumulating them and must not count as a micro-batch.
             # The node is kept alive here so autograd keeps using this one for the parameter.
-            node = torch.autograd.graph.get_gradient_edge(param).node
+            node = _gradient_accumulator(param)
             handle = node.register_prehook(lambda grads: hook(grads[0]))
             self._nodes.append(node)
         else:

@@ -64,14 +64,16 @@ def _datasets():
 
 
 def _model():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """Built with from_config, as recipes do: after TrainingArguments with a ZeRO-3 config the
+    Trainer's integration builds it under deepspeed.zero.Init, already partitioned."""
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
-    return GPT2LMHeadModel(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def _ds_config(stage: int) -> dict:
@@ -93,7 +95,6 @@ def train_with_trainer(rank: int, world: int, mode: str, output_dir: str, resume
     from adascale_shard.integrations.hf import enable_adascale
 
     train, val = _datasets()
-    model = _model()
     args = TrainingArguments(
         output_dir=output_dir,
         use_cpu=True,
@@ -113,6 +114,9 @@ def train_with_trainer(rank: int, world: int, mode: str, output_dir: str, resume
         disable_tqdm=True,
         deepspeed=_ds_config(int(mode[-1])) if mode.startswith("zero") else None,
     )
+    model = _model()  # after the arguments: partitioned at construction under ZeRO-3
+    if mode == "zero3":
+        assert all(p.numel() == 0 for p in model.parameters()), "expected a model built under zero.Init"
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     if mode.startswith("zero"):
         callback = enable_adascale(trainer)
