@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -128,6 +129,7 @@ def enable_adascale(
         args.max_steps = _epochs_to_steps(trainer, base_batch_size)
     handler = trainer.callback_handler
     main = AdaScaleCallback(base_batch_size=base_batch_size)
+    main._trainer = weakref.ref(trainer)
     for cls, replacement in ((DefaultFlowCallback, AdaScaleFlowCallback(main)), (ProgressCallback, None)):
         for index, callback in enumerate(handler.callbacks):
             if type(callback) is cls:
@@ -213,6 +215,7 @@ class AdaScaleCallback(TrainerCallback):
                 "enable_adascale(trainer, ...) before train(), or with --deepspeed put "
                 '"optimizer": {"type": "AdaScale"} in the JSON (and import adascale_shard first)'
             )
+        _check_data_parallel(args, getattr(self, "_trainer", lambda: None)())
         scale = None if self.base_batch_size is None else _global_batch(args) / self.base_batch_size
         adascale.set_scale(scale)
         if model is not None and _is_fsdp2(model):
@@ -235,6 +238,22 @@ class AdaScaleCallback(TrainerCallback):
         logs.update(extra)
         if state.log_history:  # the Trainer appended a copy before calling the callbacks
             state.log_history[-1].update(extra)
+
+
+def _check_data_parallel(args: Any, trainer: Any) -> None:
+    """Several processes but a bare model: every rank would train its own copy and AdaScale would
+    see no variance between them. (transformers 5.23 / accelerate 1.15 do this when
+    ``trainer.evaluate()`` runs before ``train()``: the bare model is then marked prepared.)"""
+    if trainer is None or args.world_size <= 1 or getattr(trainer, "is_deepspeed_enabled", False):
+        return
+    wrapped = getattr(trainer, "model_wrapped", None)
+    if wrapped is None or _is_fsdp2(wrapped) or isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return
+    raise RuntimeError(
+        f"the Trainer runs {args.world_size} processes but its model is not wrapped for data parallelism "
+        f"({type(wrapped).__name__}): each rank would train its own copy. A known cause is calling "
+        "trainer.evaluate() before trainer.train(); evaluate after training, or build a new Trainer"
+    )
 
 
 def _is_fsdp2(model: torch.nn.Module) -> bool:

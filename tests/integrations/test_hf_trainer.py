@@ -240,6 +240,29 @@ def read_tensorboard(log_dir: str) -> dict[str, list[float]]:
 MODES = ("ddp", "zero2", "zero3")
 
 
+def evaluate_first(rank: int, world: int, root: str) -> str:
+    """transformers 5.23 / accelerate 1.15: evaluate() before train() leaves the model unwrapped;
+    AdaScale must refuse rather than train one copy per rank."""
+    _env(rank, world)
+    from transformers import Trainer, TrainingArguments
+
+    from adascale_shard.integrations.hf import enable_adascale
+
+    train, val = _datasets()
+    args = TrainingArguments(
+        output_dir=os.path.join(root, "evaluate_first"), use_cpu=True, per_device_train_batch_size=PER_DEVICE,
+        learning_rate=LR, max_steps=4, save_strategy="no", report_to=[], disable_tqdm=True,
+    )
+    trainer = Trainer(model=_model(), args=args, train_dataset=train, eval_dataset=val)
+    enable_adascale(trainer, optimizer="SGD", momentum=MOMENTUM)
+    trainer.evaluate()
+    try:
+        trainer.train()
+    except RuntimeError as err:
+        return str(err)
+    return "trained"
+
+
 def trainer_then_plain(rank: int, world: int, mode: str, root: str) -> dict:
     out = os.path.join(root, mode)
     trained = train_with_trainer(rank, world, mode, out)
@@ -254,7 +277,9 @@ def trainer_then_plain(rank: int, world: int, mode: str, root: str) -> dict:
 def results() -> dict:
     root = tempfile.mkdtemp(prefix="adascale_hf_")  # made here: every rank must see the same files
     try:
-        cases = [Case(m, trainer_then_plain, (m, root)) for m in MODES]
+        # evaluate_first before the DeepSpeed runs: HF keeps a process-global DeepSpeed config.
+        cases = [Case("evaluate_first", evaluate_first, (root,))]
+        cases += [Case(m, trainer_then_plain, (m, root)) for m in MODES]
         per_rank = run_cases(cases, 2, timeout=900, env={"DS_ACCELERATOR": "cpu"})
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -305,3 +330,8 @@ def test_resume_from_checkpoint_reproduces_the_run(results, mode):
     assert resumed["last_loss"] == pytest.approx(trainer["last_loss"], rel=1e-6)
     n = len(resumed["gains"])
     assert resumed["gains"] == pytest.approx(trainer["gains"][-n:], rel=1e-12)
+
+
+def test_evaluate_before_train_is_refused(results):
+    message = results["evaluate_first"]
+    assert "not wrapped for data parallelism" in message and "evaluate()" in message
