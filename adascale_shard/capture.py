@@ -124,6 +124,9 @@ class MicroGradCapture:
         self._sentinel: tuple[weakref.ref, weakref.ref, int] | None = None
         self._warned_reentrant = False
         self._warned_split = False
+        self._warned_modified = False
+        self._deferred: tuple | None = None
+        self._probe_params: list[torch.Tensor] = []  # the smallest trainable parameters
         for params in groups:
             self.add_group(params, hook=hook)
 
@@ -138,6 +141,8 @@ class MicroGradCapture:
                 self.device = p.device
             if hook and p.requires_grad:
                 self.hook_parameter(p, index)
+        trainable = [p for params_ in self.groups for p in params_ if p.requires_grad]
+        self._probe_params = sorted(trainable, key=lambda p: p.numel())[:4]
         if self.device is not None:
             self._micro_sqr = self._grow(self._micro_sqr)
             self._grad_sqr = self._grow(self._grad_sqr)
@@ -256,7 +261,10 @@ class MicroGradCapture:
                 view.add_(torch.stack(norms).to(torch.float64).square().sum())
                 norms.clear()
         if self.snapshot_on_close:
-            self.snapshot_grad_sqr()
+            if self.sharded_grads or any(hasattr(p.grad, "to_local") for p in self._probe_params):
+                self.snapshot_grad_sqr()  # shards: the probes' local norms could be empty on a rank
+            else:
+                self._defer_grad_sqr()
         param, self._last_param = self._last_param, None
         if param is not None and param.grad is not None:
             self._sentinel = (weakref.ref(param), weakref.ref(param.grad), param.grad._version)
@@ -281,11 +289,60 @@ class MicroGradCapture:
         """Per-group ``||G||^2`` of this update (this rank's share when ``sharded_grads``)."""
         if self.grad_sqr_fn is not None:
             return self.grad_sqr_fn()
+        if self._deferred is not None:
+            self._grad_sqr = self._resolve_grad_sqr()
         return self._grad_sqr
 
     def snapshot_grad_sqr(self) -> None:
         """Take ``||G||^2`` from the ``.grad`` of the groups now (no host synchronisation)."""
+        self._deferred = None
         self._grad_sqr = grad_sqr_norms(self.groups, self.device)
+
+    # ``||G||^2`` of replicated gradients is needed once per update, but which backward pass is
+    # the last one is only known at step(). So a closing pass records where each gradient stands
+    # (identity and version counter) and the squared norms of two small "probe" gradients, and
+    # step() takes the norm. If the gradients were scaled in between (clip_grad_norm_,
+    # GradScaler.unscale_: one factor for all), the probes give the factor back.
+    def _defer_grad_sqr(self) -> None:
+        grads = [p.grad for params in self.groups for p in params]
+        probes = [g for g in (p.grad for p in self._probe_params) if g is not None][:2]
+        probe_sqr = torch.stack(torch._foreach_norm(probes)).to(torch.float64).square() if probes else None
+        self._deferred = ([None if g is None else (id(g), g._version) for g in grads], probes, probe_sqr)
+
+    def _resolve_grad_sqr(self) -> torch.Tensor:
+        fingerprint, probes, probe_sqr = self._deferred
+        self._deferred = None
+        grads = [p.grad for params in self.groups for p in params]
+        now = grad_sqr_norms(self.groups, self.device)
+        touched = [None if g is None else (id(g), g._version) for g in grads] != fingerprint
+        current = {id(p.grad) for params in self.groups for p in params if p.grad is not None}
+        if probe_sqr is None or any(id(g) not in current for g in probes):
+            if touched:
+                self._warn_modified("a gradient was replaced or removed")
+            return now
+        # Version counters miss some in-place kernels (GradScaler's unscale), so the probes decide.
+        pre = probe_sqr.tolist()
+        post = torch.stack(torch._foreach_norm(probes)).to(torch.float64).square().tolist()
+        ratios = [a / b for a, b in zip(pre, post) if b > 0 and a > 0]
+        if not ratios:
+            if touched:
+                self._warn_modified("the probe gradients are zero")
+            return now
+        if max(ratios) - min(ratios) > 1e-4 * max(ratios):
+            self._warn_modified("they were not scaled by one common factor")
+            return now
+        factor = sum(ratios) / len(ratios)
+        return now if abs(factor - 1.0) < 1e-6 else now * factor
+
+    def _warn_modified(self, why: str) -> None:
+        if not self._warned_modified:
+            self._warned_modified = True
+            logger.warning(
+                "AdaScale: the gradients changed between the last backward pass and step() and %s; "
+                "||G||^2 is taken as it is at step(). Clipping with clip_grad_norm_ and unscaling with "
+                "a GradScaler are recognised; other in-place changes make the gain approximate.",
+                why,
+            )
 
     def reset(self) -> None:
         """Start a new window (the optimizer calls this when an update consumes one)."""
@@ -294,3 +351,4 @@ class MicroGradCapture:
         for norms in self._pass_norms:
             norms.clear()
         self._sentinel = None
+        self._deferred = None

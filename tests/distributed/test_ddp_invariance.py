@@ -361,10 +361,12 @@ def test_clipping_between_backward_and_step_does_not_change_the_statistics(runs)
     assert clipped["clip_total_norm"][0] == pytest.approx(clipped["grad_norm"][0], rel=1e-6)
     assert clipped["clipped_grad_norm"][0] == pytest.approx(CLIP_MAX_NORM, rel=1e-3)
     assert not torch.allclose(clipped["params"][0], plain["params"][0], rtol=RTOL, atol=ATOL)
-    # Update 1: the same gradients before clipping, so the same statistics, bit for bit as the
-    # unclipped run of the same layout, and within float tolerance of the single process.
+    # Update 1: the same gradients before clipping, so the same statistics as the unclipped run
+    # of the same layout (||G||^2 is taken at step() and the clip factor recovered from two probe
+    # gradients: float32 rounding of the clipped probes, ~1e-7), and within float tolerance of the
+    # single process.
     for key in SCALARS:
-        assert clipped[key][0] == plain[key][0], key
+        assert math.isclose(clipped[key][0], plain[key][0], rel_tol=RTOL, abs_tol=ATOL), key
         assert math.isclose(clipped[key][0], single[key][0], rel_tol=RTOL, abs_tol=ATOL), key
     # Every update: clipping acted; the gain is the one of the pre-clip gradients (oracle), and
     # clearly not the one a post-clip ||G||^2 would give.
