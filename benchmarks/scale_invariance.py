@@ -17,6 +17,7 @@ result. ``--quick`` runs a reduced grid in a few minutes. ``--plot`` draws the P
     .venv/bin/python benchmarks/scale_invariance.py --task digits --quick
     .venv/bin/python benchmarks/scale_invariance.py --task lm --scales 1 2 4 8 16 32 64 --seeds 0 1
     .venv/bin/python benchmarks/scale_invariance.py --plot benchmarks/results/scale_invariance.jsonl
+    .venv/bin/torchrun --nproc_per_node=2 benchmarks/scale_invariance.py --task digits --ranks --lr 0.1 --scales 2 4 8 --seeds 0
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import sysconfig
 import time
 from pathlib import Path
 
+from contextlib import nullcontext
+
 import torch
+import torch.distributed as dist
 
 from adascale_shard import AdaScale, ScaleInvariantScheduler
 
@@ -134,17 +138,31 @@ def lsw_schedule(base_steps: int, steps: int, scale: float):
 
 
 def accumulate(task, model, scale: int, batch: int, gen: torch.Generator) -> float:  # noqa: ANN001
-    """Backward over `scale` micro-batches of the base size (one simulated update); the loss."""
+    """Backward over `scale` micro-batches of the base size (one update); the mean loss.
+
+    On several DDP ranks (``--ranks``), every rank draws all `scale` micro-batches, so the data
+    stream is the one of the simulated run, and back-propagates its own contiguous share."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if ddp else (1, 0)
+    share = scale // world
+    batches = [task.batch(batch, gen) for _ in range(scale)][rank * share : (rank + 1) * share]
     total = 0.0
-    for _ in range(scale):
-        loss = task.loss(model, task.batch(batch, gen)) / scale
-        loss.backward()
+    for k, micro in enumerate(batches):
+        with model.no_sync() if ddp and k < share - 1 else nullcontext():
+            loss = task.loss(model, micro) / share
+            loss.backward()
         total += loss.item()
+    if ddp:  # the mean over all ranks, for the log
+        t = torch.tensor([total])
+        dist.all_reduce(t)
+        total = t.item() / world
     return total
 
 
 def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: int, stretch_to: int | None = None) -> dict:
     model = task.model(seed)
+    if dist.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model)
     gen = torch.Generator().manual_seed(10_000 + seed)
     base = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
     losses: list[float] = []
@@ -182,7 +200,7 @@ def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: 
                 diverged = True
                 break
         extra = {}
-    metrics = task.evaluate(model) if not diverged else {}
+    metrics = task.evaluate(getattr(model, "module", model)) if not diverged else {}
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "method": method,
@@ -218,6 +236,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="scales 1 4 16, one seed, short T1")
     p.add_argument("--output", default="benchmarks/results/scale_invariance.jsonl")
     p.add_argument("--plot", metavar="JSONL", help="only draw the PNG from a results file")
+    p.add_argument("--ranks", action="store_true", help="under torchrun: AdaScale only, on DDP, at --lr")
+    p.add_argument("--lr", type=float, help="with --ranks: the base lr the sweep chose")
     args = p.parse_args()
     if args.plot:
         print(plot(Path(args.plot)))
@@ -244,6 +264,18 @@ def main() -> None:
             flush=True,
         )
 
+    if args.ranks:  # a few points on real DDP ranks, to compare with the simulated ones
+        dist.init_process_group("gloo")
+        for seed in seeds:
+            for scale in scales:
+                if scale % dist.get_world_size():
+                    continue
+                row = run(task, "AS", scale, args.lr, steps, seed, spec["batch"])
+                row["ranks"] = dist.get_world_size()
+                if dist.get_rank() == 0:
+                    record(row)
+        dist.destroy_process_group()
+        return
     # The base run's learning rate: a small sweep at S = 1, seed 0.
     best = None
     for lr in spec["lrs"]:
@@ -279,7 +311,7 @@ def plot(path: Path) -> str:
     for ax, name in zip(axes[0], tasks):
         spec = TASKS[name]
         key = spec["metric"]
-        task_rows = [r for r in rows if r["task"] == name and r["method"] != "sweep"]
+        task_rows = [r for r in rows if r["task"] == name and r["method"] != "sweep" and not r.get("ranks")]
         latest_quick = task_rows[-1]["quick"] if task_rows else False
         task_rows = [r for r in task_rows if r["quick"] == latest_quick]
         for method, style in (("AS", "o-"), ("LSW", "s--"), ("LSW+", "^:")):
