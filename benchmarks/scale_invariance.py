@@ -48,6 +48,8 @@ MOMENTUM = 0.9
 # Tasks: data, model, loss, evaluation.
 # ---------------------------------------------------------------------------------------------
 class Digits:
+    name = "digits"
+
     def __init__(self) -> None:
         from sklearn.datasets import load_digits
 
@@ -80,6 +82,7 @@ class Digits:
 
 
 class ByteLM:
+    name = "lm"
     SEQ = 32
 
     def __init__(self) -> None:
@@ -160,48 +163,53 @@ def accumulate(task, model, scale: int, batch: int, gen: torch.Generator) -> flo
 
 
 def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: int, stretch_to: int | None = None) -> dict:
+    """One training run; the validation metric is also recorded every T1/10 scale-invariant steps
+    (AS: tau; LSW/LSW+: how far along the base schedule the run is) and AS's gain every update."""
     model = task.model(seed)
     if dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model)
     gen = torch.Generator().manual_seed(10_000 + seed)
     base = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
-    losses: list[float] = []
-    started = time.perf_counter()
-    diverged = False
+    spec = TASKS[task.name]
     if method == "AS":
         opt = AdaScale(base)  # S = N = scale micro-batches of the base size
         sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)))
-        updates = 0
-        gains = []
-        while not opt.budget_spent(steps):
-            total = accumulate(task, model, scale, batch, gen)
-            opt.step()
-            opt.zero_grad()
-            sched.step()
-            updates += 1
-            losses.append(total)
-            gains.append(opt.gain())
-            if not math.isfinite(total):
-                diverged = True
-                break
-        extra = {"mean_gain": sum(gains) / len(gains), "final_gain": gains[-1]}
+        planned = None
     else:
-        updates_planned = stretch_to if method == "LSW+" else math.ceil(steps / scale)
-        sched = torch.optim.lr_scheduler.LambdaLR(base, lsw_schedule(steps, updates_planned, scale))
-        updates = 0
-        for _ in range(updates_planned):
-            total = accumulate(task, model, scale, batch, gen)
-            base.step()
-            base.zero_grad()
-            sched.step()
-            updates += 1
-            losses.append(total)
-            if not math.isfinite(total):
-                diverged = True
-                break
-        extra = {}
+        opt = base
+        planned = stretch_to if method == "LSW+" else math.ceil(steps / scale)
+        sched = torch.optim.lr_scheduler.LambdaLR(base, lsw_schedule(steps, planned, scale))
+    losses: list[float] = []
+    curve: list[tuple[float, float]] = []
+    gains: list[tuple[float, float]] = []
+    updates, diverged, next_eval = 0, False, steps / 10
+    started = time.perf_counter()
+    while not (opt.budget_spent(steps) if planned is None else updates >= planned):
+        total = accumulate(task, model, scale, batch, gen)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        updates += 1
+        losses.append(total)
+        position = opt.tau if planned is None else updates * steps / planned
+        if planned is None:
+            gains.append((position, opt.gain()))
+        if not math.isfinite(total):
+            diverged = True
+            break
+        if position >= next_eval:
+            curve.append((position, task.evaluate(getattr(model, "module", model))[spec["metric"]]))
+            next_eval += steps / 10
     metrics = task.evaluate(getattr(model, "module", model)) if not diverged else {}
     tail = losses[-max(1, len(losses) // 10) :]
+    extra = {}
+    if gains:
+        every = max(1, len(gains) // 200)
+        extra = {
+            "mean_gain": sum(g for _, g in gains) / len(gains),
+            "final_gain": gains[-1][1],
+            "gain_curve": gains[::every],
+        }
     return {
         "method": method,
         "scale": scale,
@@ -212,6 +220,7 @@ def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: 
         "train_loss": sum(tail) / len(tail) if not diverged else None,
         "diverged": diverged,
         "seconds": time.perf_counter() - started,
+        "curve": curve,
         **metrics,
         **extra,
     }
@@ -236,11 +245,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="scales 1 4 16, one seed, short T1")
     p.add_argument("--output", default="benchmarks/results/scale_invariance.jsonl")
     p.add_argument("--plot", metavar="JSONL", help="only draw the PNG from a results file")
+    p.add_argument("--table", metavar="JSONL", help="only print the Table-2-style Markdown of a results file")
     p.add_argument("--ranks", action="store_true", help="under torchrun: AdaScale only, on DDP, at --lr")
     p.add_argument("--lr", type=float, help="with --ranks: the base lr the sweep chose")
     args = p.parse_args()
     if args.plot:
         print(plot(Path(args.plot)))
+        return
+    if args.table:
+        print(table(Path(args.table)))
         return
     torch.set_num_threads(1)
     spec = TASKS[args.task]
@@ -297,6 +310,53 @@ def main() -> None:
     print(plot(out))
 
 
+def load(path: Path) -> list[dict]:
+    """The latest full (non-quick) grid per task, or the latest quick one when there is none."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    chosen = []
+    for name in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == name and not r.get("ranks")]
+        full = [r for r in task_rows if not r["quick"]]
+        chosen += full or task_rows
+    return chosen
+
+
+def table(path: Path) -> str:
+    """Markdown in the form of the paper's Table 2: metric, training loss, iterations (seed means)."""
+    rows = load(path)
+    lines = []
+    for name in sorted({r["task"] for r in rows}):
+        spec = TASKS[name]
+        key = spec["metric"]
+        runs = [r for r in rows if r["task"] == name and r["method"] != "sweep"]
+        t1 = runs[0]["T1"]
+        lines += [
+            f"**{name}** (T1 = {t1}, base batch {runs[0]['batch']}; {key}, mean over seeds; 'div' = diverged in some seed)",
+            "",
+            f"| S | total batch | {key} AS | LSW | LSW+ | train loss AS | LSW | LSW+ | iterations AS | LSW | LSW+ |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for scale in sorted({r["scale"] for r in runs}):
+
+            def cell(method: str, field: str, fmt: str) -> str:
+                picked = [r for r in runs if r["scale"] == scale and (r["method"] == method or (scale == 1 and method == "AS"))]
+                if not picked or (scale == 1 and method != "AS"):
+                    return ""
+                values = [r.get(field) for r in picked]
+                if any(v is None for v in values):
+                    return "div"
+                return format(sum(values) / len(values), fmt)
+
+            lines.append(
+                f"| {scale} | {scale * runs[0]['batch']} | {cell('AS', key, '.4f')} | {cell('LSW', key, '.4f')} | "
+                f"{cell('LSW+', key, '.4f')} | {cell('AS', 'train_loss', '.3f')} | {cell('LSW', 'train_loss', '.3f')} | "
+                f"{cell('LSW+', 'train_loss', '.3f')} | {cell('AS', 'updates', '.0f')} | {cell('LSW', 'updates', '.0f')} | "
+                f"{cell('LSW+', 'updates', '.0f')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(path: Path) -> str:
     try:
         import matplotlib
@@ -305,33 +365,40 @@ def plot(path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib not installed: no plot"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = load(path)
     tasks = sorted({r["task"] for r in rows if r["method"] != "sweep"})
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6 * max(1, len(tasks)), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], tasks):
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(17, 4.6 * len(tasks)), squeeze=False)
+    for (ax_final, ax_curve, ax_gain), name in zip(axes, tasks):
         spec = TASKS[name]
         key = spec["metric"]
-        task_rows = [r for r in rows if r["task"] == name and r["method"] != "sweep" and not r.get("ranks")]
-        latest_quick = task_rows[-1]["quick"] if task_rows else False
-        task_rows = [r for r in task_rows if r["quick"] == latest_quick]
+        runs = [r for r in rows if r["task"] == name and r["method"] != "sweep"]
         for method, style in (("AS", "o-"), ("LSW", "s--"), ("LSW+", "^:")):
             points = {}
-            for r in task_rows:
-                if r["method"] == method or (method != "AS" and r["method"] == "AS" and r["scale"] == 1):
+            for r in runs:
+                if r["method"] == method or (r["method"] == "AS" and r["scale"] == 1):
                     value = r.get(key)
                     points.setdefault(r["scale"], []).append(value if value is not None else math.nan)
-            if points:
-                xs = sorted(points)
-                ax.plot(xs, [sum(points[s]) / len(points[s]) for s in xs], style, label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("scale S")
-        ax.set_ylabel(key)
-        ax.set_title(f"{name}: T1 = {task_rows[0]['T1'] if task_rows else '?'} steps at S = 1")
-        ax.grid(alpha=0.3)
-        ax.legend()
+            xs = sorted(points)
+            ax_final.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], style, label=method)
+        ax_final.set_xscale("log", base=2)
+        ax_final.set(xlabel="scale S", ylabel=f"final {key}", title=f"{name}: final {key} (diverged runs not drawn)")
+        ax_final.legend()
+        seed0 = [r for r in runs if r["method"] == "AS" and r["seed"] == 0]
+        for r in sorted(seed0, key=lambda r: r["scale"]):
+            if r.get("curve"):
+                ax_curve.plot(*zip(*r["curve"]), ".-", label=f"S={r['scale']}")
+            if r.get("gain_curve"):
+                ax_gain.plot(*zip(*r["gain_curve"]), label=f"S={r['scale']}")
+        ax_curve.set(xlabel="scale-invariant steps tau", ylabel=key, title=f"{name}: AdaScale, {key} during training (seed 0)")
+        ax_gain.set(xlabel="scale-invariant steps tau", ylabel="gain r", title=f"{name}: AdaScale gain (seed 0)")
+        ax_gain.set_yscale("log", base=2)
+        for ax in (ax_final, ax_curve, ax_gain):
+            ax.grid(alpha=0.3)
+        ax_curve.legend(fontsize=8)
+        ax_gain.legend(fontsize=8)
     fig.tight_layout()
     png = path.with_suffix(".png")
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=100)
     plt.close(fig)
     return f"plot: {png}"
 
