@@ -17,6 +17,7 @@ values and property-tested without a model.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,14 @@ __all__ = [
     "ema_update",
     "clamp_averages",
     "gain",
+    "gain_at",
+    "noise_scale",
+    "noise_scale_samples",
+    "efficiency",
+    "predicted_efficiency",
+    "scale_for_efficiency",
+    "noise_scale_from_gain",
+    "predicted_updates",
 ]
 
 DEFAULT_MIN_RELATIVE_VAR = 1e-6
@@ -117,3 +126,127 @@ def gain(grad_var: float, grad_sqr: float, scale: float) -> float:
         return 1.0
     # Rounding can step a hair outside [1, S]; the bound is part of the contract.
     return min(max(numerator / denominator, 1.0), float(scale))
+
+
+# -- the batch-size advisor -------------------------------------------------------------------
+# With r = var / sqr (the gradient noise scale in base batches) the gain is
+#     gain(S) = (r + 1) / (r / S + 1)
+# and the efficiency, the fraction of the linear speed-up S that one update at scale S delivers
+# in scale-invariant steps, is
+#     efficiency(S) = gain(S) / S = (r + 1) / (r + S),
+# 1 at S = 1, decreasing in S, 1/2 at S = r + 2 (the critical batch of McCandlish et al. 2018,
+# "An Empirical Model of Large-Batch Training", in base batches).
+
+
+def noise_scale(grad_var: float, grad_sqr: float) -> float:
+    """The gradient noise scale ``var / sqr`` in base batches (``inf`` when ``sqr <= 0``, ``nan``
+    when both are 0 or either is not finite)."""
+    if not (math.isfinite(grad_var) and math.isfinite(grad_sqr)) or (grad_var == 0.0 and grad_sqr == 0.0):
+        return math.nan
+    if grad_sqr <= 0.0:
+        return math.inf
+    return max(grad_var, 0.0) / grad_sqr
+
+
+def noise_scale_samples(grad_var: float, grad_sqr: float, base_batch_size: float) -> float:
+    """``B_noise = tr(Sigma_1) / |G|^2`` in samples (McCandlish et al. 2018).
+
+    ``var`` is the variance of a *mean over the base batch* of ``B0`` samples, i.e. the
+    per-sample variance divided by ``B0``; so the per-sample noise scale is ``B0 * var / sqr``.
+    """
+    if not base_batch_size > 0:
+        raise ValueError(f"base_batch_size must be > 0 samples, got {base_batch_size}")
+    return base_batch_size * noise_scale(grad_var, grad_sqr)
+
+
+def gain_at(noise: float, scale: float) -> float:
+    """The gain at scale ``S`` of a gradient whose noise scale (base batches) is ``noise``:
+    ``(r + 1) / (r / S + 1)``; ``r = inf`` gives ``S``, ``r <= 0`` gives 1. ``nan`` gives 1, as
+    :func:`gain` does for statistics that carry no information."""
+    if not scale >= 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    if math.isnan(noise) or noise <= 0.0:
+        return 1.0
+    if math.isinf(noise):
+        return float(scale)
+    return min(max((noise + 1.0) / (noise / scale + 1.0), 1.0), float(scale))
+
+
+def efficiency(grad_var: float, grad_sqr: float, scale: float) -> float:
+    """``gain(S) / S``, in ``(0, 1]``: the fraction of the linear speed-up ``S`` that an update at
+    scale ``S`` turns into progress (scale-invariant steps per update over ``S``)."""
+    return gain(grad_var, grad_sqr, scale) / float(scale)
+
+
+def predicted_efficiency(grad_var: float, grad_sqr: float, scales) -> list[float]:  # noqa: ANN001
+    """:func:`efficiency` at each scale of ``scales``, from statistics measured at any scale
+    (``var`` is per base batch, so it does not depend on the scale it was measured at)."""
+    return [efficiency(grad_var, grad_sqr, s) for s in scales]
+
+
+def scale_for_efficiency(grad_var: float, grad_sqr: float, target: float) -> float:
+    """The scale whose efficiency is ``target``: ``S = (r + 1) / target - r`` (at least 1;
+    ``inf`` when the noise scale is infinite, 1 when there is no noise)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target efficiency must be in (0, 1], got {target}")
+    r = noise_scale(grad_var, grad_sqr)
+    if math.isnan(r) or r <= 0.0:
+        return 1.0
+    if math.isinf(r):
+        return math.inf
+    return max(1.0, (r + 1.0) / target - r)
+
+
+def noise_scale_from_gain(observed_gain: float, scale: float) -> float:
+    """Invert the gain: the noise scale ``r = var / sqr`` that gives ``observed_gain`` at ``scale``.
+
+    ``g = (r + 1) / (r / S + 1)``  =>  ``g r / S + g = r + 1``  =>  ``r = S (g - 1) / (S - g)``.
+    ``g <= 1`` gives 0 and ``g >= S`` gives ``inf`` (the gain is clamped to ``[1, S]``, so those
+    ends only bound ``r``). A run at ``S = 1`` has gain 1 whatever the noise: it cannot be inverted.
+    """
+    if not scale > 1:
+        raise ValueError(f"the gain at scale {scale} carries no noise information: need scale > 1")
+    if math.isnan(observed_gain):
+        return math.nan
+    if observed_gain <= 1.0:
+        return 0.0
+    if observed_gain >= scale:
+        return math.inf
+    return scale * (observed_gain - 1.0) / (scale - observed_gain)
+
+
+def predicted_updates(points, scale: float, start: float = 0.0, end: float | None = None) -> float:  # noqa: ANN001
+    """Updates AdaScale at ``scale`` needs to advance ``tau`` from ``start`` to ``end``:
+    ``integral of dtau / gain_S(r(tau))``, where ``points`` are ``(tau, r)`` pairs (the noise
+    scale in base batches measured along ``tau``, at any scale).
+
+    ``1 / gain`` is interpolated linearly in ``tau`` between the points and held constant before
+    the first and after the last; ``end`` defaults to the last point's ``tau``. Each update
+    advances ``tau`` by its gain, so this is the continuous limit of the update count; the
+    realized average speed-up over the range is ``(end - start) / predicted_updates``.
+    """
+    knots = sorted((float(t), float(r)) for t, r in points)
+    if not knots:
+        raise ValueError("predicted_updates needs at least one (tau, noise_scale) point")
+    if end is None:
+        end = knots[-1][0]
+    if end < start:
+        raise ValueError(f"end ({end}) is before start ({start})")
+    taus = [t for t, _ in knots]
+    inv = [1.0 / gain_at(r, scale) for _, r in knots]
+
+    def at(tau: float) -> float:
+        if tau <= taus[0]:
+            return inv[0]
+        if tau >= taus[-1]:
+            return inv[-1]
+        i = bisect.bisect_right(taus, tau)
+        t0, t1 = taus[i - 1], taus[i]
+        w = 0.0 if t1 == t0 else (tau - t0) / (t1 - t0)
+        return inv[i - 1] + w * (inv[i] - inv[i - 1])
+
+    xs = [start] + [t for t in taus if start < t < end] + [end]
+    total = 0.0
+    for a, b in zip(xs, xs[1:]):
+        total += 0.5 * (b - a) * (at(a) + at(b))
+    return total

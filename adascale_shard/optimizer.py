@@ -303,7 +303,8 @@ class AdaScale(torch.optim.Optimizer):
 
         ``var`` and ``sqr`` are the smoothed, clamped estimates the gain was computed from, in the
         units of the gradient; ``noise_scale = var / sqr`` is the gradient noise scale in base
-        batches.
+        batches; ``efficiency = gain / S`` is the fraction of the linear speed-up the scale delivers
+        (``python -m adascale_shard.advisor`` predicts it at other scales from these logs).
         """
         var, sqr = self._averages(range(len(self._grad_var_avg)))
         factor = self.lr_factor()
@@ -313,6 +314,7 @@ class AdaScale(torch.optim.Optimizer):
             "var": var,
             "sqr": sqr,
             "noise_scale": var / sqr if sqr > 0 else math.inf,
+            "efficiency": self._gain / self._scale,
             "N": float(self._num_micro),
             "S": float(self._scale),
             "effective_lr": float(self.param_groups[0]["lr"]) * factor,

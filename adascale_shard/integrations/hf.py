@@ -29,8 +29,9 @@ What the Trainer's settings mean under AdaScale (``TrainingArguments``):
   evaluate and save at the same points of the schedule. ``state.global_step`` (checkpoint names,
   the ``step`` of log records) still counts real updates.
 * The progress bar counts scale-invariant steps up to ``max_steps`` and shows the gain.
-* Metrics: ``adascale/gain, tau, var, sqr, noise_scale, effective_lr, updates`` are added to every
-  log record before any reporter (TensorBoard, ...) receives it, and to ``state.log_history``.
+* Metrics: ``adascale/gain, tau, var, sqr, noise_scale, efficiency, S, effective_lr, updates`` are
+  added to every log record before any reporter (TensorBoard, ...) receives it, and to
+  ``state.log_history``; ``python -m adascale_shard.advisor OUTPUT_DIR`` reads them back.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ __all__ = ["enable_adascale", "find_adascale", "AdaScaleCallback", "LOG_KEYS"]
 
 logger = logging.getLogger(__name__)
 
-LOG_KEYS = ("gain", "tau", "var", "sqr", "noise_scale", "effective_lr", "updates")
+LOG_KEYS = ("gain", "tau", "var", "sqr", "noise_scale", "efficiency", "S", "effective_lr", "updates")
 
 
 def find_adascale(optimizer: Any) -> AdaScale | None:
