@@ -4,26 +4,32 @@
     adascale-advisor RUN ...
 
 ``RUN`` is a Hugging Face Trainer output directory (``trainer_state.json`` in it or in its latest
-``checkpoint-*``; log records with ``adascale/var, sqr, tau``, added by
+``checkpoint-*``; log records with ``adascale/tau, var, sqr, updates, S``, added by
 :class:`~adascale_shard.integrations.hf.AdaScaleCallback`), a ``trainer_state.json``, or a JSON-lines
-file of ``AdaScale.stats()`` records with ``tau`` (``recipes/train_ddp.py``'s ``metrics.jsonl``, or a
-directory holding one).
+file of ``AdaScale.stats()`` records (``recipes/train_ddp.py``'s ``metrics.jsonl``, or a directory
+holding one).
 
-From the smoothed statistics along training it takes the gradient noise scale ``r = var / sqr``
-(base batches; ``B_noise = B0 * r`` samples, McCandlish et al. 2018) and predicts, for each phase
-of training and each scale ``S``, the efficiency: the fraction of the linear speed-up ``S`` that
-AdaScale turns into progress, ``(tau_end - tau_start) / (S * updates)`` with
-``updates = integral dtau / gain_S(r(tau))`` (:func:`adascale_shard.estimators.predicted_updates`).
+It predicts, for each phase of training and each scale ``S``, the *efficiency*: the fraction of the
+linear speed-up ``S`` that AdaScale would turn into progress, ``delta tau / (S * updates)``, and the
+gradient noise scale ``r = var / sqr`` (base batches; ``B_noise = B0 * r`` samples, McCandlish et
+al. 2018). The logged ``var`` and ``sqr`` are exponential averages over about 1000 base batches of
+data, i.e. over most of a small-S run, so the model first undoes that averaging between log records
+(:func:`adascale_shard.estimators.interval_statistics`) and then replays AdaScale at each scale,
+with that scale's own averaging (:func:`adascale_shard.estimators.simulate_taus`). Logs without
+``updates`` or ``S`` fall back to ``updates = integral dtau / gain_S(r(tau))`` on the logged,
+averaged ``r`` (:func:`adascale_shard.estimators.predicted_updates`), which underestimates the
+speed-up at scales far above the logged one.
+
 It prints a table and a recommendation and writes a PNG (heat map of efficiency against ``tau``
-and ``S``, and efficiency against ``S`` per phase; needs matplotlib).
-
-How close the prediction is, measured on the scale-invariance benchmark:
-``benchmarks/advisor_validation.py`` (results in ``benchmarks/results/advisor_validation.md``).
+and ``S``, and efficiency against ``S`` per phase; needs matplotlib). How close the prediction is,
+measured on the scale-invariance benchmark: ``benchmarks/advisor_validation.py`` (results in
+``benchmarks/results/advisor_validation.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import sys
@@ -33,10 +39,22 @@ from typing import Any
 
 from . import estimators as est
 
-__all__ = ["AdvisorError", "Phase", "Advice", "load_run", "advise", "format_report", "plot_advice", "main"]
+__all__ = [
+    "AdvisorError",
+    "RunLog",
+    "Model",
+    "Phase",
+    "Advice",
+    "load_run",
+    "advise",
+    "format_report",
+    "plot_advice",
+    "main",
+]
 
 DEFAULT_SCALES = (2, 4, 8, 16, 32, 64, 128, 256)
 GOOD, HALF = 0.8, 0.5  # efficiency thresholds named in the recommendation
+GRID = tuple(2 ** (k / 2) for k in range(0, 21))  # scales 1 .. 1024, for "S at 0.8 / 0.5" and the heat map
 
 
 class AdvisorError(ValueError):
@@ -44,10 +62,22 @@ class AdvisorError(ValueError):
 
 
 @dataclass
+class RunLog:
+    """What the advisor takes from a log file."""
+
+    source: Path
+    points: list[tuple[float, float]]  # (tau, logged averaged noise scale r)
+    averaged: list[tuple[float, float, float, float, float]]  # (tau, updates, var, sqr, S), for Model
+    scales: list[float]  # logged S values
+    gains: list[float]  # logged gains
+    inverted: int  # records whose r came from inverting the gain (no var/sqr)
+
+
+@dataclass
 class Phase:
     start: float
     end: float
-    noise_scale: float  # median r = var / sqr of the records in the phase (base batches)
+    noise_scale: float  # r = var / sqr over the phase (base batches)
     efficiency: dict[float, float]  # scale -> predicted efficiency over the phase
     scale_at_good: float  # the scale whose efficiency over the phase is GOOD
     scale_at_half: float  # ... and HALF (the critical batch, in base batches)
@@ -56,7 +86,7 @@ class Phase:
 @dataclass
 class Advice:
     source: Path
-    points: list[tuple[float, float]]  # (tau, noise scale r)
+    model: Model
     run_scale: float | None  # S the run was logged at
     run_gain: float | None  # its mean logged gain
     base_batch_size: float | None
@@ -64,6 +94,10 @@ class Advice:
     phases: list[Phase]
     whole: Phase
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def points(self) -> list[tuple[float, float]]:
+        return self.model.points
 
 
 # -- reading the logs -------------------------------------------------------------------------
@@ -128,17 +162,21 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _points(records: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], list[float], list[float], int]:
-    """(tau, r) pairs, logged scales, logged gains, and how many came from inverting the gain."""
-    points, scales, gains, inverted = [], [], [], 0
+def _points(records: list[dict[str, Any]], run_scale: float | None = None) -> tuple:
+    """(tau, r) pairs, (tau, updates, var, sqr, S) tuples for :class:`Model`, logged scales, logged
+    gains, and how many r came from inverting the gain."""
+    points, averaged, scales, gains, inverted = [], [], [], [], 0
     for raw in records:
         rec = _normalise(raw)
         tau, var, sqr = _number(rec.get("tau")), _number(rec.get("var")), _number(rec.get("sqr"))
-        scale, g = _number(rec.get("S")), _number(rec.get("gain"))
+        scale, g, updates = _number(rec.get("S")), _number(rec.get("gain")), _number(rec.get("updates"))
         if tau is None:
             continue
         if var is not None and sqr is not None:
             r = est.noise_scale(var, sqr)
+            known_scale = scale if scale is not None else run_scale
+            if updates is not None and known_scale is not None:
+                averaged.append((tau, updates, var, sqr, known_scale))
         elif g is not None and scale is not None and scale > 1:
             r = est.noise_scale_from_gain(g, scale)  # logs without var/sqr: invert the gain
             inverted += 1
@@ -152,22 +190,24 @@ def _points(records: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], l
         if g is not None:
             gains.append(g)
     points.sort()
-    return points, scales, gains, inverted
+    averaged.sort(key=lambda a: (a[1], a[0]))
+    return points, averaged, scales, gains, inverted
 
 
-def load_run(run: str | Path) -> tuple[Path, list[tuple[float, float]], list[float], list[float], int]:
-    """The log file chosen for ``run`` and its ``(tau, noise scale)`` points (see :func:`_points`).
+def load_run(run: str | Path, run_scale: float | None = None) -> RunLog:
+    """The log file chosen for ``run`` and what the advisor takes from it (:class:`RunLog`).
 
     Of several candidate files (a directory's ``trainer_state.json``, its latest checkpoint's, a
-    ``metrics.jsonl``) the one with the most AdaScale records wins."""
+    ``metrics.jsonl``) the one with the most AdaScale records wins. ``run_scale`` stands in for
+    records that do not log ``S`` (older Trainer logs)."""
     best = None
     looked = []
     for path in _candidates(Path(run)):
         records = _records_from_file(path)
-        points, scales, gains, inverted = _points(records)
+        found = _points(records, run_scale)
         looked.append((path, len(records), records))
-        if points and (best is None or len(points) > len(best[1])):
-            best = (path, points, scales, gains, inverted)
+        if found[0] and (best is None or len(found[0]) > len(best.points)):
+            best = RunLog(path, *found)
     if best is None:
         details = []
         for path, count, records in looked:
@@ -197,44 +237,100 @@ def _run_scale_from_summary(run: Path) -> float | None:
 
 
 # -- the prediction ---------------------------------------------------------------------------
-def _phase_efficiency(points: list[tuple[float, float]], scale: float, start: float, end: float) -> float:
-    if end <= start:
-        return est.gain_at(points[-1][1], scale) / scale
-    return (end - start) / (scale * est.predicted_updates(points, scale, start, end))
+class Model:
+    """Predicted update counts at any scale, from one run's logs.
 
+    ``kind == "averaging"`` (logs with ``tau, updates, var, sqr, S``): the logged averages are
+    undone between records and AdaScale is replayed at each scale with that scale's averaging.
+    ``kind == "instantaneous"``: ``integral dtau / gain_S`` on the logged (averaged) noise scale.
+    """
 
-def _scale_at(points: list[tuple[float, float]], start: float, end: float, target: float) -> float:
-    """The scale whose efficiency over [start, end] is ``target`` (bisection in log S; efficiency
-    decreases in S). ``inf`` when even S = 1e6 keeps it."""
-    lo, hi = 0.0, math.log(1e6)
-    if _phase_efficiency(points, 1e6, start, end) >= target:
-        return math.inf
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if _phase_efficiency(points, math.exp(mid), start, end) >= target:
-            lo = mid
-        else:
-            hi = mid
-    return math.exp(lo)
+    def __init__(self, log: RunLog, smoothing: float | None = None) -> None:
+        self.points = log.points
+        self.smoothing = smoothing
+        self.end = log.points[-1][0]
+        self.intervals = est.interval_statistics(log.averaged, smoothing) if len(log.averaged) >= 2 else []
+        self.kind = "averaging" if self.intervals else "instantaneous"
+        self._trajectories: dict[float, list[float]] = {}
+
+    def trajectory(self, scale: float, end: float | None = None) -> list[float]:
+        """``tau`` after each replayed update at ``scale`` until ``end`` (averaging model)."""
+        end = self.end if end is None else end
+        known = self._trajectories.get(scale)
+        if known is None or known[-1] < end:
+            known = est.simulate_taus(self.intervals, scale, max(end, self.end), self.smoothing)
+            self._trajectories[scale] = known
+        return known
+
+    def _count(self, scale: float, tau: float) -> float:
+        """Updates (fractional) the replay at ``scale`` takes to reach ``tau``."""
+        if tau <= 0.0:
+            return 0.0
+        taus = self.trajectory(scale, tau)
+        i = bisect.bisect_left(taus, tau)
+        before = taus[i - 1] if i > 0 else 0.0
+        return i + (tau - before) / (taus[i] - before)
+
+    def updates(self, scale: float, start: float = 0.0, end: float | None = None) -> float:
+        """Predicted updates to advance ``tau`` from ``start`` to ``end`` (default: the run's end)."""
+        end = self.end if end is None else end
+        if self.kind == "instantaneous":
+            return est.predicted_updates(self.points, scale, start, end)
+        return self._count(scale, end) - self._count(scale, start)
+
+    def updates_to_reach(self, scale: float, end: float) -> int:
+        """Whole updates until ``tau >= end``, as AdaScale counts them (``budget_spent``)."""
+        if self.kind == "instantaneous":
+            return math.ceil(est.predicted_updates(self.points, scale, 0.0, end) - 1e-9)
+        return bisect.bisect_left(self.trajectory(scale, end), end) + 1
+
+    def efficiency(self, scale: float, start: float, end: float) -> float:
+        if end <= start:
+            return est.gain_at(self.noise_scale(start, end), scale) / scale
+        return (end - start) / (scale * self.updates(scale, start, end))
+
+    def noise_scale(self, start: float, end: float) -> float:
+        """``var / sqr`` over ``[start, end]``: of the de-averaged interval means, weighted by their
+        overlap (averaging model), or the median logged value (instantaneous model)."""
+        if self.kind == "averaging":
+            var = sqr = 0.0
+            for a, b, v, q in self.intervals:
+                overlap = min(b, end) - max(a, start)
+                if overlap > 0:
+                    var, sqr = var + v * overlap, sqr + q * overlap
+            if var or sqr:
+                return est.noise_scale(var, sqr)
+        inside = [r for t, r in self.points if start <= t <= end]
+        if not inside:
+            inside = [min(self.points, key=lambda p: abs(p[0] - end))[1]]
+        return _median(inside)
 
 
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
-    if not ordered:
-        return math.nan
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
-def _phase(points: list[tuple[float, float]], scales: list[float], start: float, end: float) -> Phase:
-    inside = [r for t, r in points if start <= t <= end] or [min(points, key=lambda p: abs(p[0] - end))[1]]
+def _crossing(efficiencies: list[float], target: float) -> float:
+    """The scale of GRID where the efficiency falls to ``target`` (log-linear between grid points)."""
+    for k in range(1, len(GRID)):
+        hi, lo = efficiencies[k - 1], efficiencies[k]
+        if lo < target <= hi:
+            w = (hi - target) / (hi - lo)
+            return math.exp(math.log(GRID[k - 1]) + w * (math.log(GRID[k]) - math.log(GRID[k - 1])))
+    return 1.0 if efficiencies[0] < target else math.inf
+
+
+def _phase(model: Model, scales: list[float], start: float, end: float) -> Phase:
+    on_grid = [model.efficiency(s, start, end) for s in GRID]
     return Phase(
         start=start,
         end=end,
-        noise_scale=_median(inside),
-        efficiency={s: _phase_efficiency(points, s, start, end) for s in scales},
-        scale_at_good=_scale_at(points, start, end, GOOD),
-        scale_at_half=_scale_at(points, start, end, HALF),
+        noise_scale=model.noise_scale(start, end),
+        efficiency={s: model.efficiency(s, start, end) for s in scales},
+        scale_at_good=_crossing(on_grid, GOOD),
+        scale_at_half=_crossing(on_grid, HALF),
     )
 
 
@@ -243,29 +339,41 @@ def advise(
     base_batch_size: float | None = None,
     scales: tuple[float, ...] | list[float] = DEFAULT_SCALES,
     phases: int = 4,
+    smoothing: float | None = None,
 ) -> Advice:
-    """Read ``run``'s logs and predict the efficiency per phase of training and scale."""
+    """Read ``run``'s logs and predict the efficiency per phase of training and scale.
+
+    ``smoothing`` is the per-update weight of the old average if the run set
+    ``AdaScale(..., smoothing=...)`` (default: ``0.999 ** S``, AdaScale's default)."""
     if phases < 1:
         raise ValueError(f"phases must be >= 1, got {phases}")
-    source, points, logged_scales, gains, inverted = load_run(run)
-    end = points[-1][0]
+    if smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    summary_scale = _run_scale_from_summary(Path(run))
+    log = load_run(run, summary_scale)
+    model = Model(log, smoothing)
+    end = model.end
     edges = [end * i / phases for i in range(phases + 1)]
     scales = sorted(float(s) for s in scales)
     notes = []
-    if inverted:
-        notes.append(f"{inverted} record(s) had no var/sqr: their noise scale was recovered from gain and S")
-    if len(points) < 2 * phases:
-        notes.append(f"only {len(points)} record(s) with statistics: the phases are coarse (log more often)")
-    run_scale = logged_scales[-1] if logged_scales else _run_scale_from_summary(Path(run))
+    if log.inverted:
+        notes.append(f"{log.inverted} record(s) had no var/sqr: their noise scale was recovered from gain and S")
+    if model.kind == "instantaneous":
+        notes.append(
+            "the logs lack 'updates' or 'S': the prediction uses the logged (averaged) noise scale, which trails "
+            "the current one and underestimates the speed-up at scales far above the logged one"
+        )
+    if len(log.points) < 2 * phases:
+        notes.append(f"only {len(log.points)} record(s) with statistics: the phases are coarse (log more often)")
     return Advice(
-        source=source,
-        points=points,
-        run_scale=run_scale,
-        run_gain=sum(gains) / len(gains) if gains else None,
+        source=log.source,
+        model=model,
+        run_scale=log.scales[-1] if log.scales else summary_scale,
+        run_gain=sum(log.gains) / len(log.gains) if log.gains else None,
         base_batch_size=base_batch_size,
         scales=scales,
-        phases=[_phase(points, scales, a, b) for a, b in zip(edges, edges[1:])],
-        whole=_phase(points, scales, 0.0, end),
+        phases=[_phase(model, scales, a, b) for a, b in zip(edges, edges[1:])],
+        whole=_phase(model, scales, 0.0, end),
         notes=notes,
     )
 
@@ -273,7 +381,7 @@ def advise(
 # -- the report -------------------------------------------------------------------------------
 def _fmt_scale(value: float) -> str:
     if math.isinf(value):
-        return "> 1e6"
+        return f"> {GRID[-1]:.0f}"
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
@@ -285,10 +393,7 @@ def _sentence(phase: Phase, scales: list[float], b0: float | None) -> str:
     good = [s for s in scales if phase.efficiency[s] >= GOOD]
     poor = [s for s in scales if phase.efficiency[s] < HALF]
     picks = [good[-1] if good else scales[0]]  # the largest scale that still pays well
-    if poor:
-        picks.append(poor[0])  # the first that wastes more than half of the extra batch
-    else:
-        picks.append(scales[-1])
+    picks.append(poor[0] if poor else scales[-1])  # the first that wastes more than half of the extra batch
     said = "; ".join(f"S={s:g} gives {phase.efficiency[s]:.2f} of linear speed-up" for s in sorted(set(picks)))
     critical = f"efficiency 0.5 at S~{_fmt_scale(phase.scale_at_half)}"
     if b0 and not math.isinf(phase.scale_at_half):
@@ -299,6 +404,7 @@ def _sentence(phase: Phase, scales: list[float], b0: float | None) -> str:
 def format_report(advice: Advice) -> str:
     """The table and the recommendation, as printed by the command."""
     b0 = advice.base_batch_size
+    model = advice.model
     lines = [f"AdaScale batch-size advisor: {advice.source}"]
     taus = [t for t, _ in advice.points]
     run = f"{len(advice.points)} records with statistics, tau {taus[0]:.0f} to {taus[-1]:.0f}"
@@ -307,24 +413,41 @@ def format_report(advice: Advice) -> str:
         if advice.run_gain is not None:
             run += f" (mean gain {advice.run_gain:.2f}, efficiency {advice.run_gain / advice.run_scale:.2f})"
     lines.append(run)
+    if model.kind == "averaging":
+        lines.append(
+            f"model: the logged averages undone between {len(model.intervals)} records, AdaScale replayed at each scale"
+        )
+    else:
+        lines.append("model: the logged (averaged) noise scale, integral dtau / gain_S")
     if b0:
         lines.append(f"base batch B0 = {b0:g} samples")
     else:
         lines.append("base batch not given (--base_batch_size): the noise scale is in base batches only")
     lines.append("")
     noise_head = "noise scale r (base batches)" + (" | B_noise (samples)" if b0 else "")
-    head = f"| phase (tau) | {noise_head} | " + " | ".join(f"S={s:g}" for s in advice.scales) + " | S at 0.8 | S at 0.5 |"
+    head = (
+        f"| phase (tau) | {noise_head} | "
+        + " | ".join(f"S={s:g}" for s in advice.scales)
+        + " | S at 0.8 | S at 0.5 | r + 2 (bound) |"
+    )
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for label, phase in [(f"{p.start:.0f}-{p.end:.0f}", p) for p in advice.phases] + [("whole run", advice.whole)]:
-        noise = _fmt_noise(phase.noise_scale) + (f" | {_fmt_noise(b0 * phase.noise_scale)}" if b0 else "")
+        whole = phase is advice.whole
+        noise = "-" if whole else _fmt_noise(phase.noise_scale)
+        if b0:
+            noise += " | " + ("-" if whole else _fmt_noise(b0 * phase.noise_scale))
+        bound = "-" if whole else _fmt_noise(phase.noise_scale + 2)
         cells = " | ".join(f"{phase.efficiency[s]:.2f}" for s in advice.scales)
         lines.append(
-            f"| {label} | {noise} | {cells} | {_fmt_scale(phase.scale_at_good)} | {_fmt_scale(phase.scale_at_half)} |"
+            f"| {label} | {noise} | {cells} | {_fmt_scale(phase.scale_at_good)} | {_fmt_scale(phase.scale_at_half)} | {bound} |"
         )
     lines += [
         "",
-        "Efficiency = predicted fraction of the linear speed-up S (scale-invariant steps per update / S),",
-        "integrated over the phase; 'S at 0.5' is the critical batch in base batches (McCandlish et al. 2018).",
+        "S=...: predicted efficiency, the fraction of the linear speed-up S that AdaScale delivers over the phase",
+        "(scale-invariant steps per update / S) when trained at S; 'S at 0.8 / 0.5': the scales where it falls to",
+        "0.8 and 0.5. r: the phase's gradient noise scale (B_noise = B0 x r samples, McCandlish et al. 2018);",
+        "r + 2: where an estimator without lag, efficiency (r + 1) / (r + S), would fall to 0.5; AdaScale's",
+        "averages span ~1000 base batches of data and trail a growing r, so it delivers less, the more so at small S.",
         "",
         "Recommendation:",
     ]
@@ -339,6 +462,13 @@ def format_report(advice: Advice) -> str:
     return "\n".join(lines)
 
 
+def _heat(model: Model, bins: int = 40) -> tuple[list[float], list[list[float]]]:
+    """Efficiency per tau bin (rows: GRID scales) and the bins' centres."""
+    edges = [model.end * i / bins for i in range(bins + 1)]
+    centres = [0.5 * (a + b) for a, b in zip(edges, edges[1:])]
+    return centres, [[model.efficiency(s, a, b) for a, b in zip(edges, edges[1:])] for s in GRID]
+
+
 def plot_advice(advice: Advice, path: str | Path) -> Path | None:
     """Heat map of efficiency against tau and S, and efficiency against S per phase. Returns the
     PNG's path, or ``None`` when matplotlib is not installed."""
@@ -349,15 +479,12 @@ def plot_advice(advice: Advice, path: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    taus = [t for t, _ in advice.points]
-    grid = [2 ** (k / 8) for k in range(0, 8 * 8 + 1)]  # S from 1 to 256
-    heat = [[est.gain_at(r, s) / s for _, r in advice.points] for s in grid]
+    centres, heat = _heat(advice.model)
     fig, (ax_heat, ax_lines) = plt.subplots(1, 2, figsize=(13, 4.8))
-    if len(taus) > 1:
-        mesh = ax_heat.pcolormesh(taus, grid, heat, shading="nearest", vmin=0.0, vmax=1.0, cmap="viridis")
-        contours = ax_heat.contour(taus, grid, heat, levels=[HALF, GOOD], colors=["white", "black"], linewidths=1)
-        ax_heat.clabel(contours, fmt="%.1f", fontsize=8)
-        fig.colorbar(mesh, ax=ax_heat, label="efficiency gain/S")
+    mesh = ax_heat.pcolormesh(centres, GRID, heat, shading="nearest", vmin=0.0, vmax=1.0, cmap="viridis")
+    contours = ax_heat.contour(centres, GRID, heat, levels=[HALF, GOOD], colors=["white", "black"], linewidths=1)
+    ax_heat.clabel(contours, fmt="%.1f", fontsize=8)
+    fig.colorbar(mesh, ax=ax_heat, label="efficiency (fraction of linear speed-up)")
     ax_heat.set_yscale("log", base=2)
     ax_heat.set(xlabel="scale-invariant steps tau", ylabel="scale S", title="predicted efficiency over training")
     for phase in advice.phases + [advice.whole]:
@@ -370,7 +497,7 @@ def plot_advice(advice: Advice, path: str | Path) -> Path | None:
     ax_lines.set(xlabel="scale S", ylabel="efficiency (fraction of linear speed-up)", ylim=(0, 1.05), title="by phase")
     ax_lines.grid(alpha=0.3)
     ax_lines.legend(fontsize=8)
-    fig.suptitle(f"AdaScale batch-size advisor: {advice.source}", fontsize=9)
+    fig.suptitle(f"AdaScale batch-size advisor: {advice.source} ({advice.model.kind} model)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
@@ -386,13 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base_batch_size", "--base-batch-size", type=float, help="samples per base batch (B0)")
     p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES))
     p.add_argument("--phases", type=int, default=4, help="equal slices of tau to report (default 4)")
+    p.add_argument("--smoothing", type=float, help="the run's AdaScale smoothing, if it set one (default 0.999**S)")
     p.add_argument("--png", help="where to write the PNG (default: adascale_advisor.png next to the logs)")
     p.add_argument("--no_png", "--no-png", action="store_true")
     args = p.parse_args(argv)
     if any(s < 1 for s in args.scales):
         p.error("scales must be >= 1")
     try:
-        advice = advise(args.run, args.base_batch_size, args.scales, args.phases)
+        advice = advise(args.run, args.base_batch_size, args.scales, args.phases, args.smoothing)
     except (AdvisorError, ValueError) as err:
         print(f"adascale-advisor: {err}", file=sys.stderr)
         return 2

@@ -36,6 +36,8 @@ __all__ = [
     "scale_for_efficiency",
     "noise_scale_from_gain",
     "predicted_updates",
+    "interval_statistics",
+    "simulate_taus",
 ]
 
 DEFAULT_MIN_RELATIVE_VAR = 1e-6
@@ -250,3 +252,92 @@ def predicted_updates(points, scale: float, start: float = 0.0, end: float | Non
     for a, b in zip(xs, xs[1:]):
         total += 0.5 * (b - a) * (at(a) + at(b))
     return total
+
+
+# -- the advisor's model of AdaScale's own averaging ---------------------------------------------
+# The logged ``var`` and ``sqr`` are exponential averages with a time constant of about 1000 base
+# batches of data: 1000 / S updates, i.e. about 1000 * gain / S scale-invariant steps. At small S
+# that spans most of a run, so the logged ratio trails the current noise scale far behind, while
+# a run at a large S averages over a much shorter stretch of tau. Predicting what AdaScale would do
+# at another scale therefore (1) undoes the source run's averaging (:func:`interval_statistics`)
+# and (2) replays AdaScale's averaging at the target scale (:func:`simulate_taus`).
+
+
+def interval_statistics(records, smoothing: float | None = None) -> list[tuple[float, float, float, float]]:  # noqa: ANN001
+    """Undo the exponential averaging of logged statistics: the mean raw ``var`` and ``sqr``
+    estimates of the updates between consecutive log records.
+
+    ``records`` are ``(tau, updates, var, sqr, scale)`` tuples in update order: the bias-corrected
+    averages that ``AdaScale.stats()`` reports after ``updates`` updates at ``scale``. With ``beta``
+    the per-update smoothing (``default_smoothing(scale)`` unless ``smoothing`` is given), the
+    unnormalised average is ``a = c * w`` with ``w`` the bias-correction weight, and over ``k``
+    updates ``a_new = beta^k a_old + (1 - beta^k) m``, so ``m`` (a ``beta``-weighted mean of the
+    ``k`` raw estimates, unbiased like them) is recovered exactly; clamped averages (a negative
+    average logged as 0) and updates skipped for non-finite statistics (counted in ``updates``,
+    not averaged) are the exceptions, where the recovery is approximate. Returns
+    ``(tau_start, tau_end, var_mean, sqr_mean)`` per interval, ``tau_start`` of the first being 0;
+    records that add no update are skipped.
+    """
+    out: list[tuple[float, float, float, float]] = []
+    avg_var = avg_sqr = weight = 0.0
+    prev_updates, prev_tau = 0.0, 0.0
+    for tau, updates, var, sqr, scale in records:
+        k = float(updates) - prev_updates
+        if k <= 0:
+            continue
+        beta = default_smoothing(scale) if smoothing is None else smoothing
+        decay = beta**k
+        new_weight = decay * weight + (1.0 - decay)
+        new_var, new_sqr = var * new_weight, sqr * new_weight
+        mean_var = (new_var - decay * avg_var) / (1.0 - decay)
+        mean_sqr = (new_sqr - decay * avg_sqr) / (1.0 - decay)
+        out.append((prev_tau, float(tau), mean_var, mean_sqr))
+        avg_var, avg_sqr, weight = new_var, new_sqr, new_weight
+        prev_updates, prev_tau = float(updates), float(tau)
+    return out
+
+
+def simulate_taus(  # noqa: ANN001
+    intervals, scale: float, end: float, smoothing: float | None = None, max_updates: int = 1_000_000
+) -> list[float]:
+    """Replay AdaScale at ``scale`` on statistics measured along ``tau``: ``tau`` after each update
+    until it reaches ``end``.
+
+    ``intervals`` are ``(tau_start, tau_end, var, sqr)`` (from :func:`interval_statistics`), taken
+    as constant over each interval and held at the last value past the end. The update at ``tau``
+    sees the mean of ``var`` and ``sqr`` over ``[tau, tau + previous gain]`` (the stretch of the
+    source run its gradients stand for), folds them into the exponential averages with the
+    per-update smoothing ``default_smoothing(scale)`` (or ``smoothing``), clamps, and advances
+    ``tau`` by the gain, as :class:`~adascale_shard.AdaScale` does. The number of updates to reach
+    ``end`` is ``len(result)``.
+    """
+    if not scale >= 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    cuts = sorted(intervals, key=lambda iv: iv[1])
+    if not cuts:
+        raise ValueError("simulate_taus needs at least one interval")
+    edges = [0.0] + [float(iv[1]) for iv in cuts]
+    values = [(float(iv[2]), float(iv[3])) for iv in cuts]
+    cum_var, cum_sqr = [0.0], [0.0]
+    for (a, b), (v, q) in zip(zip(edges, edges[1:]), values):
+        cum_var.append(cum_var[-1] + v * (b - a))
+        cum_sqr.append(cum_sqr[-1] + q * (b - a))
+
+    def integral(tau: float) -> tuple[float, float]:
+        i = min(max(bisect.bisect_right(edges, tau) - 1, 0), len(values) - 1)
+        v, q = values[i]
+        return cum_var[i] + v * (tau - edges[i]), cum_sqr[i] + q * (tau - edges[i])
+
+    beta = default_smoothing(scale) if smoothing is None else smoothing
+    avg_var = avg_sqr = weight = 0.0
+    tau, step_gain = 0.0, 1.0
+    taus: list[float] = []
+    while tau < end and len(taus) < max_updates:
+        (v0, q0), (v1, q1) = integral(tau), integral(tau + step_gain)
+        var, sqr = (v1 - v0) / step_gain, (q1 - q0) / step_gain
+        avg_var, weight = ema_update(avg_var, weight, var, beta)
+        avg_sqr = beta * avg_sqr + (1.0 - beta) * sqr
+        step_gain = gain(*clamp_averages(avg_var / weight, avg_sqr / weight), scale)
+        tau += step_gain
+        taus.append(tau)
+    return taus
