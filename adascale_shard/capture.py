@@ -242,6 +242,13 @@ class MicroGradCapture:
     def _open_pass(self, task_id: int) -> None:
         if self.detect_reset and self.passes > 0 and self._grads_were_reset():
             self.dropped_windows += 1
+            logger.info(
+                "AdaScale: the gradients were reset without a step() after %d backward pass(es) (a "
+                "skipped step, e.g. a GradScaler that found inf/NaN); their statistics were dropped, "
+                "tau and the averages are unchanged (stats()['dropped_windows'] = %d)",
+                self.passes,
+                self.dropped_windows,
+            )
             self.reset()
         self._pass_open = True
         self._pass_task_id = task_id
