@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer, base_batch_size=ada_args.base_batch_size, optimizer=ada_args.adascale_optimizer, **extra
         )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()  # trainer_state.json with every log record, for adascale-advisor
     metrics = dict(result.metrics)
     eval_metrics = trainer.evaluate()
     metrics["eval_loss"] = eval_metrics["eval_loss"]

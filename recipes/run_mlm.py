@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.eval_before_training and not training_args.resume_from_checkpoint:
         metrics["eval_loss_initial"] = initial_eval_loss(trainer)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()  # trainer_state.json with every log record, for adascale-advisor
     metrics.update(result.metrics)
     eval_metrics = trainer.evaluate()
     metrics["eval_loss"] = eval_metrics["eval_loss"]
