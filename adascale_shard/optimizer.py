@@ -93,6 +93,9 @@ class AdaScale(torch.optim.Optimizer):
       dropped when the next backward pass starts: ``tau`` and the averages stay untouched.
     * A window whose statistics are not finite (inf/NaN in any micro-gradient) is never folded
       into the averages; the update is flagged in :meth:`stats` and a warning is logged once.
+    * A ``step()`` that finds non-zero gradients before any backward pass was recorded raises
+      ``RuntimeError``: gradients assigned to ``.grad`` directly (``torch.autograd.grad``,
+      ``torch.func``) never pass the hooks, and on FSDP2 ``attach(model)`` was not called.
     * ``||G||^2`` is taken when the last backward pass ends (after DDP's reduction), so clipping
       between backward and ``step()`` does not change the statistics.
     * One micro-gradient per update (one rank, no accumulation) carries no variance information:
@@ -163,6 +166,7 @@ class AdaScale(torch.optim.Optimizer):
         self.process_group = process_group
         self._fsdp2_hooks = None  # set by attach(model) on FSDP2
         self._seen_backward = False
+        self._regrouped = False  # set when an engine replaced the capture (DeepSpeed ZeRO)
         from .fsdp2 import build_capture, has_dtensor_params
 
         if has_dtensor_params(self.optimizer.param_groups):
@@ -235,12 +239,12 @@ class AdaScale(torch.optim.Optimizer):
         self.optimizer.state = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-        if len(self._capture.groups) != len(self.optimizer.param_groups) - 1:
+        if self._regrouped:  # checked first: a refused group must not reach the base optimizer
             raise RuntimeError(
                 "add_param_group() is not supported once an engine has regrouped AdaScale's "
                 "statistics (DeepSpeed ZeRO): add the group before deepspeed.initialize"
             )
+        self.optimizer.add_param_group(param_group)
         from .fsdp2 import has_dtensor_params
 
         new_group = self.optimizer.param_groups[-1]
@@ -356,6 +360,7 @@ class AdaScale(torch.optim.Optimizer):
             from .fsdp2 import check_hooks_fired
 
             check_hooks_fired(self)  # FSDP2 gradients but no recorded pass: attach() missing
+            self._check_plain_hooks_fired()
         factor = self.lr_factor()
         saved = [group["lr"] for group in self.param_groups]
         try:
@@ -369,6 +374,30 @@ class AdaScale(torch.optim.Optimizer):
             self._tau += self._gain
             self._updates += 1
         return loss
+
+    def _check_plain_hooks_fired(self) -> None:
+        """Raise if plain (non-DTensor) gradients are non-zero although no backward pass was ever
+        recorded. Runs only until the first recorded pass; zero gradients (the state-building
+        ``step()`` of ZeRO's wrappers and of torch's distributed checkpoint) are fine."""
+        from .fsdp2 import is_dtensor
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None or is_dtensor(p) or grad.numel() == 0:
+                    continue
+                values = grad._values() if grad.is_sparse else grad
+                if bool(values.count_nonzero()):
+                    raise RuntimeError(
+                        "AdaScale: the parameters have gradients but no backward pass was recorded, so "
+                        "the gain would stay 1 and tau at 0 (budget_spent() would never come true). "
+                        "AdaScale's hooks see the gradients that backward() (loss.backward(), "
+                        "torch.autograd.backward) accumulates into the .grad of the parameters it was "
+                        "built on; gradients computed with torch.autograd.grad or torch.func and "
+                        "assigned to .grad, or computed on other parameter objects (a model copied or "
+                        "rebuilt after the optimizer), are not seen. Compute the gradients with "
+                        "backward(), on the parameters AdaScale was built on"
+                    )
 
     def _update_statistics(self) -> None:
         capture = self._capture
@@ -451,6 +480,7 @@ class AdaScale(torch.optim.Optimizer):
             )
         self._capture.detach()
         self._capture = capture
+        self._regrouped = True
         self._grad_var_avg = [0.0] * len(capture.groups)
         self._grad_sqr_avg = [0.0] * len(capture.groups)
 
