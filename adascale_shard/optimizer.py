@@ -164,6 +164,7 @@ class AdaScale(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
 
         self.process_group = process_group
+        self._grad_scaler: Any = None
         self._fsdp2_hooks = None  # set by attach(model) on FSDP2
         self._seen_backward = False
         self._regrouped = False  # set when an engine replaced the capture (DeepSpeed ZeRO)
@@ -272,6 +273,18 @@ class AdaScale(torch.optim.Optimizer):
 
         self._fsdp2_hooks = attach(self, model)
         return self._fsdp2_hooks
+
+    def attach_grad_scaler(self, scaler: Any) -> None:
+        """Read the loss scale of a ``torch.amp.GradScaler`` that scales this optimizer's losses.
+
+        Without it the statistics are kept in loss-scaled units: the gain is right at a constant
+        scale, but after the scaler backs off or grows, older updates weigh more in the averages
+        and the gain drifts (9% in the 2-rank test). With it, ``var`` and ``sqr`` are in the units
+        of the unscaled gradient. DeepSpeed's fp16 loss scale is divided out without this call.
+        """
+        if not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"attach_grad_scaler needs a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._grad_scaler = scaler
 
     def __repr__(self) -> str:
         return f"AdaScale({self.config}, {self.optimizer!r})"
@@ -443,6 +456,13 @@ class AdaScale(torch.optim.Optimizer):
         # average to the applied gradient G, whatever the loss was divided by.
         loss_scale_sq = capture.loss_scale**2
         micro_mean = [passes_per_rank / ranks * s / loss_scale_sq for s in micro_sum]
+        if self._grad_scaler is not None:
+            # A GradScaler multiplied the loss of this window's passes by its current scale (it
+            # changes only in update(), after step()): both A and ||G||^2 are divided out.
+            grad_scale_sq = float(self._grad_scaler.get_scale()) ** 2
+            if math.isfinite(grad_scale_sq) and grad_scale_sq > 0:
+                micro_mean = [v / grad_scale_sq for v in micro_mean]
+                grad_sqr = [v / grad_scale_sq for v in grad_sqr]
         self._last_nonfinite = not all(math.isfinite(v) for v in micro_mean + grad_sqr)
         if self._last_nonfinite:
             self._nonfinite_updates += 1
