@@ -216,7 +216,11 @@ class AdaScaleCallback(TrainerCallback):
                 "enable_adascale(trainer, ...) before train(), or with --deepspeed put "
                 '"optimizer": {"type": "AdaScale"} in the JSON (and import adascale_shard first)'
             )
-        _check_data_parallel(args, getattr(self, "_trainer", lambda: None)())
+        trainer = getattr(self, "_trainer", lambda: None)()
+        _check_data_parallel(args, trainer)
+        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+        if scaler is not None:  # fp16 without DeepSpeed: Accelerate's GradScaler scales the loss
+            adascale.attach_grad_scaler(scaler)
         scale = None if self.base_batch_size is None else _global_batch(args) / self.base_batch_size
         adascale.set_scale(scale)
         if model is not None and _is_fsdp2(model):
