@@ -1,15 +1,17 @@
-"""Capture of local micro-gradient statistics with tensor hooks.
+"""Capture of local micro-gradient statistics with gradient-accumulator hooks.
 
 A pre-hook on a parameter's gradient accumulator (the autograd node that adds into ``.grad``)
 sees the gradient that one backward pass contributes to it, before it is accumulated and before
-DDP or DeepSpeed reduce it across ranks (their hooks run after the accumulation). :class:`MicroGradCapture` adds the squared norm of that
-gradient to a per-group accumulator on the gradient's device: no ``.item()``, no host
-synchronisation and no gradient-sized buffer inside backward.
+DDP or DeepSpeed reduce it across ranks (their hooks run after the accumulation).
+:class:`MicroGradCapture` adds the squared norm of that gradient to a per-group accumulator on the
+gradient's device: no ``.item()``, no host synchronisation and no gradient-sized buffer inside
+backward.
 
-Backward passes are counted by the capture itself (a pass opens at its first hook and closes
-in a callback queued on the autograd engine), so frozen or unused parameters do not change the
-count. When a pass closes, the squared norm of the accumulated ``.grad`` is snapshotted: after
-DDP's reduction, and before any clipping the user does between backward and ``step()``.
+Backward passes are counted by the capture itself (a pass opens at its first hook and closes in
+a callback queued on the autograd engine), so frozen or unused parameters do not change the
+count. ``||G||^2`` is the pre-clip norm of the reduced gradient: replicated gradients are measured
+at ``step()`` (a uniform clip or unscale in between is recovered from probe gradients recorded
+when the last pass closed); sharded ones when the last pass closes, after the reduction.
 """
 
 from __future__ import annotations

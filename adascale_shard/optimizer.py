@@ -96,8 +96,11 @@ class AdaScale(torch.optim.Optimizer):
     * A ``step()`` that finds non-zero gradients before any backward pass was recorded raises
       ``RuntimeError``: gradients assigned to ``.grad`` directly (``torch.autograd.grad``,
       ``torch.func``) never pass the hooks, and on FSDP2 ``attach(model)`` was not called.
-    * ``||G||^2`` is taken when the last backward pass ends (after DDP's reduction), so clipping
-      between backward and ``step()`` does not change the statistics.
+    * ``||G||^2`` is the pre-clip norm of the reduced gradient: replicated gradients (one process,
+      DDP) are measured at ``step()``, with a clip or unscale in between (one factor for every
+      gradient) recovered from two probe gradients recorded when the last pass ended; FSDP2 shards
+      are measured when the last pass ends. Clipping between backward and ``step()`` does not
+      change the statistics.
     * One micro-gradient per update (one rank, no accumulation) carries no variance information:
       with ``scale=None`` (``S = N = 1``) the gain is 1; an explicit ``scale > 1`` then raises.
 
