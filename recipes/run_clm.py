@@ -21,7 +21,6 @@ Examples::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -60,17 +59,6 @@ class DataArguments:
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=256)
     preprocessing_num_workers: int | None = field(default=None)
-
-
-@dataclass
-class AdaScaleArguments:
-    base_batch_size: int | None = field(
-        default=None, metadata={"help": "Global batch (samples) the lr and max_steps were tuned at; default: one micro-batch."}
-    )
-    adascale_optimizer: str = field(default="SGD", metadata={"help": "Base optimizer (torch.optim name)."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    smoothing: float | None = field(default=None, metadata={"help": "AdaScale's EMA weight per update."})
-    plot: bool = field(default=True, metadata={"help": "Write adascale.png in output_dir at the end."})
 
 
 def stdlib_corpus(limit: int) -> str:
@@ -145,7 +133,9 @@ def build_model(model_args: ModelArguments, vocab_size: int, block_size: int):
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
 
-    from adascale_shard.integrations.hf import enable_adascale
+    from adascale_shard.integrations.hf import AdaScaleArguments
+
+    from _common import finish_run  # recipes/ is on sys.path when a recipe runs
 
     parser = HfArgumentParser((ModelArguments, DataArguments, AdaScaleArguments, TrainingArguments))
     model_args, data_args, ada_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -196,48 +186,14 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
-    if training_args.deepspeed:
-        callback = enable_adascale(trainer, base_batch_size=ada_args.base_batch_size)
-    else:
-        extra = {"momentum": ada_args.momentum} if ada_args.adascale_optimizer.lower() == "sgd" else {}
-        if ada_args.smoothing is not None:
-            extra["smoothing"] = ada_args.smoothing
-        callback = enable_adascale(
-            trainer, base_batch_size=ada_args.base_batch_size, optimizer=ada_args.adascale_optimizer, **extra
-        )
+    callback = ada_args.enable(trainer)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()  # trainer_state.json with every log record, for adascale-advisor
     metrics = dict(result.metrics)
     eval_metrics = trainer.evaluate()
     metrics["eval_loss"] = eval_metrics["eval_loss"]
     metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50))
-    adascale = callback.adascale
-    summary = {
-        "updates": trainer.state.global_step,
-        "tau": adascale.tau,
-        "gain": adascale.gain(),
-        "S": adascale.stats()["S"],
-        "N": adascale.stats()["N"],
-        "max_steps": trainer.state.max_steps,
-        "engine": type(trainer.model_wrapped).__name__,
-        "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
-        **metrics,
-    }
-    if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "adascale_summary.json").write_text(json.dumps(summary, indent=2))
-        if ada_args.plot:
-            from adascale_shard.plots import plot_log_history
-
-            png = plot_log_history(trainer.state.log_history, output_dir / "adascale.png")
-            if png is not None:
-                print(f"plot: {png}")
-        print(
-            f"done: {summary['updates']} updates for tau {summary['tau']:.1f} / {summary['max_steps']} "
-            f"(S = {summary['S']:g}, final gain {summary['gain']:.2f}); eval loss {summary['eval_loss']:.3f}, "
-            f"perplexity {summary['perplexity']:.1f}; outputs in {output_dir}"
-        )
-    return summary
+    return finish_run(trainer, callback, output_dir, metrics, ada_args.plot)
 
 
 if __name__ == "__main__":

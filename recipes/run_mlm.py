@@ -50,7 +50,6 @@ Examples::
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import math
 import sys
@@ -111,17 +110,6 @@ class DataArguments:
     eval_before_training: bool = field(
         default=True, metadata={"help": "Evaluate the loaded model first (eval_loss_initial in the summary)."}
     )
-
-
-@dataclass
-class AdaScaleArguments:
-    base_batch_size: int | None = field(
-        default=None, metadata={"help": "Global batch (samples) the lr and max_steps were tuned at; default: one micro-batch."}
-    )
-    adascale_optimizer: str = field(default="SGD", metadata={"help": "Base optimizer (torch.optim name)."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    smoothing: float | None = field(default=None, metadata={"help": "AdaScale's EMA weight per update."})
-    plot: bool = field(default=True, metadata={"help": "Write adascale.png in output_dir at the end."})
 
 
 def _paragraphs(docstring: str):
@@ -220,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         set_seed,
     )
 
-    from adascale_shard.integrations.hf import enable_adascale
+    from adascale_shard.integrations.hf import AdaScaleArguments
+
+    from _common import finish_run  # recipes/ is on sys.path when a recipe runs
 
     parser = HfArgumentParser((ModelArguments, DataArguments, AdaScaleArguments, TrainingArguments))
     model_args, data_args, ada_args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -293,15 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collate,
         compute_loss_func=token_normalised_mlm_loss,
     )
-    if training_args.deepspeed:
-        callback = enable_adascale(trainer, base_batch_size=ada_args.base_batch_size)
-    else:
-        extra = {"momentum": ada_args.momentum} if ada_args.adascale_optimizer.lower() == "sgd" else {}
-        if ada_args.smoothing is not None:
-            extra["smoothing"] = ada_args.smoothing
-        callback = enable_adascale(
-            trainer, base_batch_size=ada_args.base_batch_size, optimizer=ada_args.adascale_optimizer, **extra
-        )
+    callback = ada_args.enable(trainer)
     metrics: dict[str, float] = {}
     if data_args.eval_before_training and not training_args.resume_from_checkpoint:
         metrics["eval_loss_initial"] = initial_eval_loss(trainer)
@@ -311,37 +293,12 @@ def main(argv: list[str] | None = None) -> dict:
     eval_metrics = trainer.evaluate()
     metrics["eval_loss"] = eval_metrics["eval_loss"]
     metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50))
-    adascale = callback.adascale
-    summary = {
-        "updates": trainer.state.global_step,
-        "tau": adascale.tau,
-        "gain": adascale.gain(),
-        "S": adascale.stats()["S"],
-        "N": adascale.stats()["N"],
-        "max_steps": trainer.state.max_steps,
-        "engine": type(trainer.model_wrapped).__name__,
-        "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+    extra = {
         "model": model_args.model_name_or_path or model_args.config_name,
         "train_samples": len(train_dataset),
         "eval_samples": len(eval_dataset),
-        **metrics,
     }
-    if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "adascale_summary.json").write_text(json.dumps(summary, indent=2))
-        if ada_args.plot:
-            from adascale_shard.plots import plot_log_history
-
-            png = plot_log_history(trainer.state.log_history, output_dir / "adascale.png")
-            if png is not None:
-                print(f"plot: {png}")
-        before = f"{summary['eval_loss_initial']:.3f} -> " if "eval_loss_initial" in summary else ""
-        print(
-            f"done: {summary['updates']} updates for tau {summary['tau']:.1f} / {summary['max_steps']} "
-            f"(S = {summary['S']:g}, final gain {summary['gain']:.2f}); eval loss {before}{summary['eval_loss']:.3f}, "
-            f"perplexity {summary['perplexity']:.1f}; outputs in {output_dir}"
-        )
-    return summary
+    return finish_run(trainer, callback, output_dir, metrics, ada_args.plot, **extra)
 
 
 def initial_eval_loss(trainer) -> float:

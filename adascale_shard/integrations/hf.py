@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install 'adascale-shard[transformers]'"
     ) from err
 
-__all__ = ["enable_adascale", "find_adascale", "AdaScaleCallback", "LOG_KEYS"]
+__all__ = ["enable_adascale", "find_adascale", "AdaScaleArguments", "AdaScaleCallback", "run_summary", "LOG_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,49 @@ def enable_adascale(
                 handler.callbacks[index] = replacement or AdaScaleProgressCallback(main)
     handler.callbacks.insert(0, main)  # before the reporters, so they receive adascale/* in on_log
     return main
+
+
+@dataclass
+class AdaScaleArguments:
+    """AdaScale's settings for scripts in the style of the HF examples (``HfArgumentParser``)."""
+
+    base_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Global batch (samples) the lr and max_steps were tuned at; default: one micro-batch."},
+    )
+    adascale_optimizer: str = field(default="SGD", metadata={"help": "Base optimizer (torch.optim name)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    smoothing: float | None = field(default=None, metadata={"help": "AdaScale's EMA weight per update."})
+    plot: bool = field(default=True, metadata={"help": "Write adascale.png in output_dir at the end."})
+
+    def enable(self, trainer: Any) -> "AdaScaleCallback":
+        """:func:`enable_adascale` with these settings. With ``--deepspeed`` the JSON block names
+        the base optimizer and its arguments, so only ``base_batch_size`` applies."""
+        if trainer.args.deepspeed:
+            return enable_adascale(trainer, base_batch_size=self.base_batch_size)
+        extra: dict[str, Any] = {"momentum": self.momentum} if self.adascale_optimizer.lower() == "sgd" else {}
+        if self.smoothing is not None:
+            extra["smoothing"] = self.smoothing
+        return enable_adascale(
+            trainer, base_batch_size=self.base_batch_size, optimizer=self.adascale_optimizer, **extra
+        )
+
+
+def run_summary(trainer: Any, callback: "AdaScaleCallback") -> dict[str, Any]:
+    """What a finished AdaScale run did: updates, ``tau``, the final gain, ``S``, ``N``, the budget,
+    and the engine and optimizer that ran it."""
+    adascale = callback.adascale
+    stats = adascale.stats()
+    return {
+        "updates": trainer.state.global_step,
+        "tau": adascale.tau,
+        "gain": adascale.gain(),
+        "S": stats["S"],
+        "N": stats["N"],
+        "max_steps": trainer.state.max_steps,
+        "engine": type(trainer.model_wrapped).__name__,
+        "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+    }
 
 
 def _check_world(args: Any) -> None:

@@ -1,0 +1,30 @@
+"""What the HF-Trainer recipes share: the end of a run (summary file, PNG, the closing line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from adascale_shard.integrations.hf import run_summary
+from adascale_shard.plots import plot_log_history
+
+
+def finish_run(trainer: Any, callback: Any, output_dir: Path, metrics: dict[str, Any], plot: bool, **extra: Any) -> dict:
+    """Write ``adascale_summary.json`` (and ``adascale.png``) on the main process, print the
+    closing line, return the summary."""
+    summary = {**run_summary(trainer, callback), **extra, **metrics}
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "adascale_summary.json").write_text(json.dumps(summary, indent=2))
+        if plot:
+            png = plot_log_history(trainer.state.log_history, output_dir / "adascale.png")
+            if png is not None:
+                print(f"plot: {png}")
+        before = f"{summary['eval_loss_initial']:.3f} -> " if "eval_loss_initial" in summary else ""
+        print(
+            f"done: {summary['updates']} updates for tau {summary['tau']:.1f} / {summary['max_steps']} "
+            f"(S = {summary['S']:g}, final gain {summary['gain']:.2f}); eval loss {before}{summary['eval_loss']:.3f}, "
+            f"perplexity {summary['perplexity']:.1f}; outputs in {output_dir}"
+        )
+    return summary
