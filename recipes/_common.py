@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -28,3 +29,15 @@ def finish_run(trainer: Any, callback: Any, output_dir: Path, metrics: dict[str,
             f"perplexity {summary['perplexity']:.1f}; outputs in {output_dir}"
         )
     return summary
+
+
+def shutdown() -> None:
+    """End a distributed run cleanly: the engines that hold the process group (DDP's reducer,
+    DeepSpeed's engine) are released before the group is destroyed; the other way round, gloo
+    sometimes aborts at exit after all the work is done."""
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

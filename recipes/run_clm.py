@@ -197,4 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from _common import shutdown
+
+    main(sys.argv[1:])  # the Trainer and its engine are released when main returns
+    shutdown()

@@ -340,4 +340,7 @@ def initial_eval_loss(trainer) -> float:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from _common import shutdown
+
+    main(sys.argv[1:])  # the Trainer and its engine are released when main returns
+    shutdown()
