@@ -116,6 +116,7 @@ class MicroGradCapture:
         self._micro_sqr: torch.Tensor | None = None
         self._micro_sqr_views: list[torch.Tensor] = []
         self._pass_norms: list[list[torch.Tensor]] = []  # per group: this pass's hooked norms
+        self._group_of: list[int] = []  # a hook's group -> its statistics group (merge_groups)
         self._grad_sqr: torch.Tensor | None = None
         self.passes = 0
         self.dropped_windows = 0
@@ -150,6 +151,19 @@ class MicroGradCapture:
             self._grad_sqr = self._grow(self._grad_sqr)
             self._micro_sqr_views = list(self._micro_sqr.unbind(0))  # one view per group, made once
         self._pass_norms.append([])
+        self._group_of.append(index)
+
+    def merge_groups(self) -> None:
+        """Fold every group into one, keeping the hooks: for an engine that reports one gradient
+        norm for the whole model (DeepSpeed's ZeRO wrappers)."""
+        if self.passes:
+            raise RuntimeError("AdaScale's statistics groups can only be merged before the first backward pass")
+        self.groups = [[p for params in self.groups for p in params]]
+        self._group_of = [0] * len(self._group_of)
+        self._micro_sqr = self._grow(None)
+        self._grad_sqr = self._grow(None)
+        self._micro_sqr_views = list(self._micro_sqr.unbind(0))
+        self._pass_norms = [[]]
 
     def _grow(self, acc: torch.Tensor | None) -> torch.Tensor:
         new = torch.zeros(len(self.groups), dtype=torch.float64, device=self.device)
@@ -228,7 +242,8 @@ class MicroGradCapture:
         # One fused norm kernel per hook (no temporary); the norms of a pass are summed when it
         # closes, in one stack-square-sum per group.
         norm = torch.linalg.vector_norm(grad, dtype=_NORM_DTYPES.get(grad.dtype) or _norm_dtype(grad.dtype))
-        self._pass_norms[group_index].append(norm if norm.device == self.device else norm.to(self.device, non_blocking=True))
+        norms = self._pass_norms[self._group_of[group_index]]
+        norms.append(norm if norm.device == self.device else norm.to(self.device, non_blocking=True))
 
     def _warn_split_gradient(self) -> None:
         if self._warned_split:

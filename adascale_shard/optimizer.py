@@ -494,14 +494,15 @@ class AdaScale(torch.optim.Optimizer):
         self._gain = estimators.gain(var, sqr, scale)
 
     def _replace_capture(self, capture: MicroGradCapture) -> None:
-        """For engine integrations: swap the capture (and so the statistics groups) before
-        training starts. The averages restart, one per group of the new capture."""
+        """For engine integrations: swap the capture, or install the same one after regrouping it,
+        before training starts. The averages restart, one per group of the capture."""
         if self._updates or self._capture.passes:
             raise RuntimeError(
                 "AdaScale's gradient capture can only be replaced before the first backward pass: "
                 "initialise the engine before training"
             )
-        self._capture.detach()
+        if capture is not self._capture:
+            self._capture.detach()
         self._capture = capture
         self._regrouped = True
         self._grad_var_avg = [0.0] * len(capture.groups)

@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 
-from ..capture import MicroGradCapture
 from ..config import AdaScaleConfig
 from ..optimizer import AdaScale
 from ..schedule import follow_tau
@@ -280,8 +279,8 @@ def _attach_wrapper(engine: Any, adascale: AdaScale) -> None:
             f"AdaScale cannot read the gradient norm of DeepSpeed's {type(wrapper).__name__}: it has no "
             "_global_grad_norm. Install a tested DeepSpeed version (deepspeed>=0.19.8,<0.20)"
         )
-    params = [p for group in adascale._capture.groups for p in group]
-    capture = MicroGradCapture([params])
+    capture = adascale._capture
+    capture.merge_groups()  # the hooks AdaScale placed stay (no second gather under ZeRO-3 zero.Init)
     capture.snapshot_on_close = False
     capture.detect_reset = False  # ZeRO frees .grad after each pass; the engine ends windows
     device = capture.device

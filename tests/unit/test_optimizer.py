@@ -445,3 +445,15 @@ def test_non_uniform_change_before_step_is_warned(caplog):
     with caplog.at_level(logging.WARNING):
         opt.step()
     assert sum("not scaled by one common factor" in r.message for r in caplog.records) == 1
+
+
+def test_merged_groups_keep_their_hooks_and_sum_into_one():
+    """What DeepSpeed's ZeRO wrappers get: one whole-model statistics group, same hooks."""
+    m1, m2 = make_model(), make_model()
+    grouped = AdaScale([{"params": m1[0].parameters()}, {"params": m1[2].parameters()}], lr=0.1)
+    single = AdaScale(m2.parameters(), lr=0.1)
+    hooks = grouped._capture.num_hooks
+    grouped._capture.merge_groups()
+    grouped._replace_capture(grouped._capture)
+    assert grouped._capture.num_hooks == hooks and len(grouped._grad_var_avg) == 1
+    assert train(m1, grouped, 2) == pytest.approx(train(m2, single, 2), rel=1e-9)
