@@ -36,6 +36,10 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
 _NORM_DTYPES = {dtype: _norm_dtype(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
 def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
     """Squared norm of the ``.grad`` of each group, as a float64 tensor on ``device``.
 
@@ -44,7 +48,8 @@ def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.devic
     out = torch.zeros(len(groups), dtype=torch.float64, device=device)
     for index, params in enumerate(groups):
         # A DTensor (FSDP2) contributes its local shard; the shards are summed over ranks.
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
+        grads = [p.grad for p in params]
+        grads = [g if type(g) is torch.Tensor else _local(g) for g in grads if g is not None]
         if not grads:
             continue
         dtypes = {g.dtype for g in grads}
@@ -123,7 +128,7 @@ class MicroGradCapture:
         self._pass_open = False
         self._pass_task_id = -1
         self._fired: set[int] = set()
-        self._last_param: torch.Tensor | None = None
+        self._last_owner: weakref.ref | None = None  # whose .grad the last hook fed
         self._sentinel: tuple[weakref.ref, weakref.ref, int] | None = None
         self._warned_reentrant = False
         self._warned_split = False
@@ -181,27 +186,50 @@ class MicroGradCapture:
         reduce-scatter, and names the sharded parameter here. Its ``.grad`` is what tells a
         ``zero_grad`` between two passes.
         """
-        hook = self._make_hook(group_index, param, owner)
         if param.is_leaf:
             # A pre-hook on the parameter's gradient accumulator runs only when backward is about
             # to add into .grad: torch.autograd.grad() (gradient penalties, norm probes) computes
             # the same gradients without accumulating them and must not count as a micro-batch.
             # The node is kept alive here so autograd keeps using this one for the parameter.
             node = _gradient_accumulator(param)
-            handle = node.register_prehook(lambda grads: hook(grads[0]))
+            handle = node.register_prehook(self._make_hook(group_index, param, owner, leaf=True))
             self._nodes.append(node)
         else:
-            handle = param.register_hook(hook)
+            handle = param.register_hook(self._make_hook(group_index, param, owner, leaf=False))
         self._handles.append(handle)
         return handle
 
-    def _make_hook(self, group_index: int, param: torch.Tensor, owner: torch.Tensor | None = None):
-        param_ref = weakref.ref(param)
-        owner_ref = param_ref if owner is None else weakref.ref(owner)
+    def _make_hook(self, group_index: int, param: torch.Tensor, owner: torch.Tensor | None, *, leaf: bool):
+        # The hook runs once per parameter per micro-batch, so it is one Python frame with its
+        # constants bound here: on models with many small tensors its cost is the overhead.
+        key = id(param)
+        owner_ref = weakref.ref(param if owner is None else owner)
+        norm_dtype = None if param.dtype in (torch.float32, torch.float64) else _norm_dtype(param.dtype)
+        to_device = None if param.device == self.device else self.device
+        capture = self
+        vector_norm = torch.linalg.vector_norm
+        graph_task_id = torch._C._current_graph_task_id
 
-        def hook(grad: torch.Tensor | None) -> None:
-            if grad is not None:
-                self._on_micro_grad(group_index, param_ref(), grad, owner_ref())
+        def hook(grads):
+            grad = grads[0] if leaf else grads
+            if grad is None:
+                return
+            task_id = graph_task_id()
+            if not capture._pass_open:
+                capture._open_pass(task_id)
+            elif task_id != capture._pass_task_id:
+                capture._note_reentrant()
+            fired = capture._fired
+            if key in fired:
+                # Second partial gradient of one parameter in one pass: ||a||^2 + ||b||^2 != ||a+b||^2.
+                capture._warn_split_gradient()
+            fired.add(key)
+            capture._last_owner = owner_ref
+            # One fused norm kernel (no temporary); a pass's norms are summed when it closes.
+            norm = vector_norm(grad) if norm_dtype is None else vector_norm(grad, dtype=norm_dtype)
+            if to_device is not None:
+                norm = norm.to(to_device, non_blocking=True)
+            capture._pass_norms[capture._group_of[group_index]].append(norm)
 
         return hook
 
@@ -216,34 +244,15 @@ class MicroGradCapture:
     def num_hooks(self) -> int:
         return len(self._handles)
 
-    def _on_micro_grad(
-        self,
-        group_index: int,
-        param: torch.Tensor | None,
-        grad: torch.Tensor,
-        owner: torch.Tensor | None = None,
-    ) -> None:
-        task_id = torch._C._current_graph_task_id()
-        if not self._pass_open:
-            self._open_pass(task_id)
-        elif task_id != self._pass_task_id and not self._warned_reentrant:
-            self._warned_reentrant = True
-            # Exact as long as no parameter is split across the nested passes (warned below).
-            logger.info(
-                "AdaScale: a backward pass ran inside another (reentrant activation "
-                "checkpointing); its gradients count towards the outer pass"
-            )
-        key = id(param)
-        if key in self._fired:
-            # Second partial gradient of one parameter in one pass: ||a||^2 + ||b||^2 != ||a+b||^2.
-            self._warn_split_gradient()
-        self._fired.add(key)
-        self._last_param = param if owner is None else owner
-        # One fused norm kernel per hook (no temporary); the norms of a pass are summed when it
-        # closes, in one stack-square-sum per group.
-        norm = torch.linalg.vector_norm(grad, dtype=_NORM_DTYPES.get(grad.dtype) or _norm_dtype(grad.dtype))
-        norms = self._pass_norms[self._group_of[group_index]]
-        norms.append(norm if norm.device == self.device else norm.to(self.device, non_blocking=True))
+    def _note_reentrant(self) -> None:
+        if self._warned_reentrant:
+            return
+        self._warned_reentrant = True
+        # Exact as long as no parameter is split across the nested passes (warned separately).
+        logger.info(
+            "AdaScale: a backward pass ran inside another (reentrant activation "
+            "checkpointing); its gradients count towards the outer pass"
+        )
 
     def _warn_split_gradient(self) -> None:
         if self._warned_split:
@@ -289,7 +298,8 @@ class MicroGradCapture:
                 self.snapshot_grad_sqr()  # shards: the probes' local norms could be empty on a rank
             else:
                 self._defer_grad_sqr()
-        param, self._last_param = self._last_param, None
+        owner_ref, self._last_owner = self._last_owner, None
+        param = None if owner_ref is None else owner_ref()
         if param is not None and param.grad is not None:
             self._sentinel = (weakref.ref(param), weakref.ref(param.grad), param.grad._version)
 
@@ -328,29 +338,34 @@ class MicroGradCapture:
     # step() takes the norm. If the gradients were scaled in between (clip_grad_norm_,
     # GradScaler.unscale_: one factor for all), the probes give the factor back.
     def _defer_grad_sqr(self) -> None:
-        grads = [p.grad for params in self.groups for p in params]
-        probes = [g for g in (p.grad for p in self._probe_params) if g is not None][:2]
-        probe_sqr = torch.stack(torch._foreach_norm(probes)).to(torch.float64).square() if probes else None
-        self._deferred = ([None if g is None else (id(g), g._version) for g in grads], probes, probe_sqr)
+        probe_pairs = [(p, p.grad) for p in self._probe_params if p.grad is not None][:2]
+        if probe_pairs:
+            probes = [g for _, g in probe_pairs]
+            probe_sqr = torch.stack(torch._foreach_norm(probes)).to(torch.float64).square()
+            self._deferred = (probe_pairs, probe_sqr, None)
+        else:  # no probe gradient: fall back to noticing any change, to warn about it
+            self._deferred = ([], None, self._fingerprint())
+
+    def _fingerprint(self) -> list:
+        return [None if g is None else (id(g), g._version) for g in (p.grad for ps in self.groups for p in ps)]
 
     def _resolve_grad_sqr(self) -> torch.Tensor:
-        fingerprint, probes, probe_sqr = self._deferred
+        probe_pairs, probe_sqr, fingerprint = self._deferred
         self._deferred = None
-        grads = [p.grad for params in self.groups for p in params]
         now = grad_sqr_norms(self.groups, self.device)
-        touched = [None if g is None else (id(g), g._version) for g in grads] != fingerprint
-        current = {id(p.grad) for params in self.groups for p in params if p.grad is not None}
-        if probe_sqr is None or any(id(g) not in current for g in probes):
-            if touched:
+        if probe_sqr is None:
+            if self._fingerprint() != fingerprint:
                 self._warn_modified("a gradient was replaced or removed")
+            return now
+        probes = [g for _, g in probe_pairs]
+        if any(p.grad is not g for p, g in probe_pairs):
+            self._warn_modified("a gradient was replaced or removed")
             return now
         # Version counters miss some in-place kernels (GradScaler's unscale), so the probes decide.
         pre = probe_sqr.tolist()
         post = torch.stack(torch._foreach_norm(probes)).to(torch.float64).square().tolist()
         ratios = [a / b for a, b in zip(pre, post) if b > 0 and a > 0]
         if not ratios:
-            if touched:
-                self._warn_modified("the probe gradients are zero")
             return now
         if max(ratios) - min(ratios) > 1e-4 * max(ratios):
             self._warn_modified("they were not scaled by one common factor")
