@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "all_reduce_sum"]
+__all__ = ["world_size", "all_reduce_sum", "start_all_reduce_sum"]
+
+from collections.abc import Callable
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -23,3 +25,17 @@ def all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None)
     if world_size(group) > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
     return values
+
+
+def start_all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> Callable[[], torch.Tensor]:
+    """Start summing ``values`` over the ranks in place; the returned function waits and returns
+    them. The caller does its local work in between, hidden behind the collective's latency."""
+    if world_size(group) <= 1:
+        return lambda: values
+    work = dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return values
+
+    return wait

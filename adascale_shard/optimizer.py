@@ -15,7 +15,7 @@ import torch.distributed as dist
 from . import estimators
 from .capture import MicroGradCapture
 from .config import AdaScaleConfig
-from .distributed import all_reduce_sum, world_size
+from .distributed import start_all_reduce_sum, world_size
 
 __all__ = ["AdaScale", "resolve_optimizer_class", "STATE_DICT_KEY", "STATE_FORMAT_VERSION"]
 
@@ -419,22 +419,21 @@ class AdaScale(torch.optim.Optimizer):
         capture = self._capture
         num_groups = capture.micro_sqr.numel()
         passes = capture.passes
-        local = torch.cat(
-            [
-                capture.micro_sqr,
-                capture.grad_sqr,
-                torch.tensor([passes, passes * passes], dtype=torch.float64, device=capture.device),
-            ]
-        )
-        all_reduce_sum(local, self.process_group)
-        values = local.tolist()  # the one host synchronisation per update
-        capture.reset()
+        counts = torch.tensor([passes, passes * passes], dtype=torch.float64, device=capture.device)
         ranks = world_size(self.process_group)
+        if capture.sharded_grads:  # each rank holds a share of ||G||^2: summed with the rest
+            wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts, capture.grad_sqr]), self.process_group)
+            values = wait().tolist()  # the one host synchronisation per update
+        else:
+            # Every rank holds the same full ||G||^2: it is not reduced, and it is measured while
+            # the collective is in flight, which hides the collective's latency.
+            wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts]), self.process_group)
+            local_grad_sqr = capture.grad_sqr
+            values = torch.cat([wait(), local_grad_sqr]).tolist()  # the one host synchronisation
+        capture.reset()
         micro_sum = values[:num_groups]
-        grad_sqr = values[num_groups : 2 * num_groups]
-        if not capture.sharded_grads:  # every rank contributed the same full ||G||^2
-            grad_sqr = [v / ranks for v in grad_sqr]
-        passes_sum, passes_sq_sum = values[2 * num_groups :]
+        passes_sum, passes_sq_sum = values[num_groups : num_groups + 2]
+        grad_sqr = values[num_groups + 2 :]
         if abs(passes_sq_sum * ranks - passes_sum**2) > 0.5:
             raise RuntimeError(
                 f"AdaScale: the ranks ran different numbers of backward passes in one update "

@@ -272,6 +272,8 @@ def main() -> None:
 
     times = {kind: [] for kind in kinds}
     ratios = {kind: [] for kind in kinds if kind != "base"}
+    # The direct comparison, paired within each round: sharper than comparing two ratios to base.
+    head_to_head: list[float] = []
     rng = random.Random(0)
     started = time.perf_counter()
     pairs = 0
@@ -285,6 +287,8 @@ def main() -> None:
             times[kind].append(sample[kind])
         for kind in ratios:
             ratios[kind].append(sample[kind] / sample["base"])
+        if "fairscale" in sample:
+            head_to_head.append(sample["adascale"] / sample["fairscale"])
         if pairs >= args.min_pairs:
             widths = [hi - lo for _, lo, hi in (ratio_ci(r) for r in ratios.values())]
             # Every rank must take the same decision: rank 0's.
@@ -310,6 +314,9 @@ def main() -> None:
     for kind, r in ratios.items():
         mean, lo, hi = ratio_ci(r)
         result["ratio"][kind] = {"mean": mean, "ci95": [lo, hi]}
+    if head_to_head:
+        mean, lo, hi = ratio_ci(head_to_head)
+        result["ratio"]["adascale/fairscale"] = {"mean": mean, "ci95": [lo, hi]}
     adascale = variants["adascale"][1]
     if adascale is not None:
         result["adascale_stats"] = {k: adascale.stats()[k] for k in ("gain", "N", "S")}
