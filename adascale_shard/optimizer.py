@@ -378,14 +378,21 @@ class AdaScale(torch.optim.Optimizer):
             check_hooks_fired(self)  # FSDP2 gradients but no recorded pass: attach() missing
             self._check_plain_hooks_fired()
         factor = self.lr_factor()
-        saved = [group["lr"] for group in self.param_groups]
+        # Decoupled weight decay (AdamW) shrinks by lr * weight_decay per step; an update worth
+        # `gain` base steps must shrink as much as they would, whatever the lr rule.
+        decay_factor = self._gain / factor
+        saved = [(group["lr"], group.get("weight_decay")) for group in self.param_groups]
         try:
             for group in self.param_groups:
                 group["lr"] = group["lr"] * factor
+                if decay_factor != 1.0 and group.get("decoupled_weight_decay") and group.get("weight_decay"):
+                    group["weight_decay"] = group["weight_decay"] * decay_factor
             self.optimizer.step()
         finally:
-            for group, lr in zip(self.param_groups, saved):
+            for group, (lr, weight_decay) in zip(self.param_groups, saved):
                 group["lr"] = lr
+                if weight_decay is not None:
+                    group["weight_decay"] = weight_decay
         if new_update:
             self._tau += self._gain
             self._updates += 1

@@ -85,9 +85,11 @@ class ByteLM:
     name = "lm"
     SEQ = 32
 
-    def __init__(self) -> None:
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        data = b"".join(p.read_bytes() for p in sorted(stdlib.glob("*.py")))[:1_000_000]
+    def __init__(self, data: bytes | None = None) -> None:
+        """``data``: the corpus (default: the first 1 MB of the standard library's top-level modules)."""
+        if data is None:
+            stdlib = Path(sysconfig.get_paths()["stdlib"])
+            data = b"".join(p.read_bytes() for p in sorted(stdlib.glob("*.py")))[:1_000_000]
         tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
         split = int(0.95 * len(tokens))
         self.train_tokens, val_tokens = tokens[:split], tokens[split:]

@@ -143,6 +143,50 @@ def test_sqrt_rule_uses_the_square_root_of_the_gain():
     assert b.stats()["effective_lr"] == pytest.approx(1e-2 * math.sqrt(b.gain()))
 
 
+@pytest.mark.parametrize("lr_scaling", ["gain", "sqrt"])
+def test_decoupled_weight_decay_advances_with_tau(lr_scaling):
+    """Under either lr rule an update worth `gain` base steps decays the weights by
+    lr * weight_decay * gain (AdamW), and the groups' settings are left as they were."""
+    lr, wd = 1e-2, 0.5
+    m = make_model()
+    opt = AdaScale(torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd), lr_scaling=lr_scaling)
+    train(m, opt, 2)  # Adam state exists; the next step is a typical one
+    accumulate(m, micro_batches(7, 4))
+    shadow = copy.deepcopy(m)
+    reference = torch.optim.AdamW(shadow.parameters(), lr=lr, weight_decay=wd)
+    reference.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
+    for p, q in zip(m.parameters(), shadow.parameters()):
+        q.grad = p.grad.clone()
+    opt.step()
+    gain, factor = opt.gain(), opt.lr_factor()
+    assert gain > 1.5 and factor == pytest.approx(gain if lr_scaling == "gain" else math.sqrt(gain))
+    for group in reference.param_groups:  # the plain AdamW step such an update must equal
+        group["lr"], group["weight_decay"] = lr * factor, wd * gain / factor
+    reference.step()
+    for p, q in zip(m.parameters(), shadow.parameters()):
+        torch.testing.assert_close(p, q)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(lr, wd)] * len(opt.param_groups)
+
+
+def test_coupled_weight_decay_is_left_to_the_gradient():
+    """Adam's (coupled, L2) weight decay is part of the gradient: the sqrt rule does not touch it."""
+    m = make_model()
+    opt = AdaScale(torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=0.5), lr_scaling="sqrt")
+    train(m, opt, 2)
+    accumulate(m, micro_batches(7, 4))
+    shadow = copy.deepcopy(m)
+    reference = torch.optim.Adam(shadow.parameters(), lr=1e-2, weight_decay=0.5)
+    reference.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
+    for p, q in zip(m.parameters(), shadow.parameters()):
+        q.grad = p.grad.clone()
+    opt.step()
+    for group in reference.param_groups:
+        group["lr"] = 1e-2 * opt.lr_factor()
+    reference.step()
+    for p, q in zip(m.parameters(), shadow.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 def test_lr_scheduler_and_grad_scaler_see_one_optimizer():
     m = make_model()
     opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1))
