@@ -7,11 +7,13 @@ each scale ``S`` (simulated: ``S`` micro-batches of the base size per update, on
 * ``AS-sqrt``     AdaScale, ``lr x gain ** 0.5`` (AdaptDL's ``AdamScale`` rule), plain statistics;
 * ``AS-pre``      ``lr x gain`` with the gain of Adam's preconditioned gradient (see below);
 * ``AS-sqrt-pre`` ``lr x gain ** 0.5`` with the preconditioned gain (AdaptDL's combination);
+* ``AS-sqrt-tau`` ``lr x gain ** 0.5`` and ``tau += gain ** 0.5`` (progress counted at the lr's
+  rate: more updates), weight decay ``lr x weight_decay x gain ** 0.5`` to match that ``tau``;
 * ``LSW``         linear scaling: ``lr x S``, 5% warm-up, the schedule compressed to ``ceil(T1/S)``;
 * ``SqrtW``       square-root scaling: ``lr x S ** 0.5``, 5% warm-up, ``ceil(T1/S)`` steps.
 
-Every AdaScale variant reads the schedule at ``floor(tau)`` with ``tau += gain`` and stops at
-``tau >= T1``; decoupled weight decay shrinks the weights by ``lr * weight_decay * gain`` per
+Every AdaScale variant reads the schedule at ``floor(tau)``, with ``tau += gain`` unless said
+otherwise, and stops at ``tau >= T1``; decoupled weight decay shrinks the weights by ``lr * weight_decay * gain`` per
 update under either lr rule (``AdaScale.step``), so the total decay matches the base run; the final
 parameter norm is recorded to check it.
 
@@ -51,7 +53,7 @@ from scale_invariance import ByteLM, accumulate, base_schedule, lsw_schedule  # 
 from adascale_shard import AdaScale, ScaleInvariantScheduler, estimators  # noqa: E402
 
 TASKS = {
-    "scratch": {"steps": 800, "lrs": [1e-3, 3e-3, 1e-2, 3e-2]},
+    "scratch": {"steps": 800, "lrs": [3e-4, 1e-3, 3e-3, 1e-2]},
     "finetune": {"steps": 400, "lrs": [3e-4, 1e-3, 3e-3, 1e-2]},
 }
 BATCH = 8
@@ -62,6 +64,7 @@ ADASCALE_METHODS = {  # method -> (lr_scaling, preconditioned statistics)
     "AS-sqrt": ("sqrt", False),
     "AS-pre": ("gain", True),
     "AS-sqrt-pre": ("sqrt", True),
+    "AS-sqrt-tau": ("sqrt", False),
 }
 BASELINES = {"LSW": 1.0, "SqrtW": 0.5}  # method -> exponent of S in the lr multiplier
 METHODS = [*ADASCALE_METHODS, *BASELINES]
@@ -95,6 +98,29 @@ class PreconditionedAdaScale(AdaScale):
         return estimators.clamp_averages(var, sqr, self.config.min_relative_var)
 
 
+class SqrtTauAdaScale(AdaScale):
+    """The sqrt rule with progress counted at the lr's rate: ``tau += gain ** 0.5`` per update,
+    and decoupled weight decay ``lr * weight_decay * gain ** 0.5`` to stay in step with it."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        saved = [group["weight_decay"] for group in self.param_groups]
+        updates = self._updates
+        gain_before = self._gain
+        try:
+            # AdaScale.step multiplies weight_decay by gain / sqrt(gain); divide it out beforehand.
+            # The gain of this update is only known inside step(), so the correction is exact
+            # when the gain changed little since the last update (it is smoothed).
+            for group in self.param_groups:
+                group["weight_decay"] = group["weight_decay"] / math.sqrt(max(gain_before, 1.0))
+            loss = super().step(closure)
+        finally:
+            for group, weight_decay in zip(self.param_groups, saved):
+                group["weight_decay"] = weight_decay
+        if self._updates > updates:
+            self._tau += math.sqrt(self._gain) - self._gain
+        return loss
+
+
 def make_task(name: str, pretrain_steps: int, pretrain_lr: float) -> tuple[ByteLM, torch.nn.Module | None]:
     """The task and, for ``finetune``, the pretrained starting point."""
     if name == "scratch":
@@ -123,7 +149,8 @@ def run(task: ByteLM, start: torch.nn.Module | None, method: str, scale: int, lr
         lr_scaling, preconditioned = ADASCALE_METHODS[method]
         params = [{"params": [p]} for p in model.parameters()] if preconditioned else model.parameters()
         base = torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
-        opt = (PreconditionedAdaScale if preconditioned else AdaScale)(base, lr_scaling=lr_scaling)
+        kind = PreconditionedAdaScale if preconditioned else SqrtTauAdaScale if method == "AS-sqrt-tau" else AdaScale
+        opt = kind(base, lr_scaling=lr_scaling)
         sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)))
         planned = None
     else:
@@ -177,9 +204,14 @@ def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     lines = []
     for name in [t for t in TASKS if any(r["task"] == t for r in rows)]:
-        latest = max(r["run_id"] for r in rows if r["task"] == name)
-        runs = [r for r in rows if r["task"] == name and r["run_id"] == latest and r["method"] != "sweep"]
-        sweep = [r for r in rows if r["task"] == name and r["run_id"] == latest and r["method"] == "sweep"]
+        task_rows = [r for r in rows if r["task"] == name and not r["quick"]] or [r for r in rows if r["task"] == name]
+        sweep_id = max(r["run_id"] for r in task_rows if r["method"] == "sweep")
+        sweep = [r for r in task_rows if r["method"] == "sweep" and r["run_id"] == sweep_id]
+        newest = {}  # the latest row of each (method, scale, seed): reruns of one method replace it
+        for r in sorted(task_rows, key=lambda r: r["run_id"]):
+            if r["method"] != "sweep":
+                newest[(r["method"], r["scale"], r["seed"])] = r
+        runs = list(newest.values())
         seeds = sorted({r["seed"] for r in runs})
         tuned = ", ".join(
             "{:g}: {}".format(r["lr"], "div" if r["val_loss"] is None else format(r["val_loss"], ".3f")) for r in sweep
@@ -216,6 +248,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--pretrain_steps", type=int, default=600)
     p.add_argument("--pretrain_lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, help="skip the sweep: the base lr it chose (adds methods to a grid)")
     p.add_argument("--quick", action="store_true", help="T1 / 4, scales 1 and 16, one seed")
     p.add_argument("--output", default="benchmarks/results/adamw.jsonl")
     p.add_argument("--table", metavar="JSONL", help="only print the Markdown tables of a results file")
@@ -242,18 +275,20 @@ def main() -> None:
             flush=True,
         )
 
-    best = None
-    for lr in TASKS[args.task]["lrs"]:  # the base run's lr: a small sweep at S = 1, seed 0
-        row = run(task, start, "AS", 1, lr, steps, 0)
-        row["method"] = "sweep"
-        record(row)
-        if row["val_loss"] is not None and (best is None or row["val_loss"] < best["val_loss"]):
-            best = row
-    lr = best["lr"]
-    print(f"{args.task}: tuned AdamW lr {lr}", flush=True)
+    lr = args.lr
+    if lr is None:
+        best = None
+        for candidate in TASKS[args.task]["lrs"]:  # the base run's lr: a small sweep at S = 1, seed 0
+            row = run(task, start, "AS", 1, candidate, steps, 0)
+            row["method"] = "sweep"
+            record(row)
+            if row["val_loss"] is not None and (best is None or row["val_loss"] < best["val_loss"]):
+                best = row
+        lr = best["lr"]
+        print(f"{args.task}: tuned AdamW lr {lr}", flush=True)
     for seed in seeds:
         for scale in scales:
-            for method in args.methods if scale > 1 else ["AS"]:  # at S = 1 every method is the base run
+            for method in (args.methods if scale > 1 else ["AS"] if args.lr is None else []):  # at S = 1 every method is the base run
                 record(run(task, start, method, scale, lr, steps, seed))
     print(table(out))
 
