@@ -28,7 +28,8 @@ class AdaScaleConfig:
         smoothing (float, optional): weight of the old value in the exponential averages of the
             statistics, per update, in ``[0, 1)``. ``None`` (default) uses ``0.999 ** S``.
         lr_scaling (str): ``"gain"`` (default, the paper) applies ``lr * gain``; ``"sqrt"``
-            applies ``lr * gain ** 0.5``, a rule proposed for adaptive optimizers.
+            applies ``lr * gain ** 0.5``, a rule proposed for adaptive optimizers, which trained
+            worse than ``"gain"`` with AdamW in ``benchmarks/adamw.py`` (README "AdamW").
         min_relative_var (float): floor of the averaged variance relative to the averaged
             squared gradient norm (default ``1e-6``); relative so a loss scale cannot change the
             gain.

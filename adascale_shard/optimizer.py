@@ -114,8 +114,9 @@ class AdaScale(torch.optim.Optimizer):
             the micro-gradients per update (``world_size x accumulation steps``).
         smoothing (float, optional): EMA weight of the old statistics per update, in ``[0, 1)``.
             Default ``0.999 ** S``.
-        lr_scaling (str): ``"gain"`` (default, the paper: ``lr * gain``) or ``"sqrt"``
-            (``lr * gain ** 0.5``, for adaptive optimizers; experimental).
+        lr_scaling (str): ``"gain"`` (default, the paper: ``lr * gain``; also the measured best
+            for AdamW, README "AdamW") or ``"sqrt"`` (``lr * gain ** 0.5``). ``tau`` advances by
+            the gain and decoupled weight decay by ``lr * weight_decay * gain`` under both.
         min_relative_var (float): floor of the variance relative to the squared norm (1e-6).
         process_group: the data-parallel group (default: the whole world when
             ``torch.distributed`` is initialised).

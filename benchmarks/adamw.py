@@ -198,9 +198,23 @@ def run(task: ByteLM, start: torch.nn.Module | None, method: str, scale: int, lr
     return row
 
 
+def iterations_to(row: dict, target: float) -> float | None:
+    """Updates a run took until its validation loss (measured every T1/10 scale-invariant steps)
+    first reached ``target``; ``None`` if it never did."""
+    reached = next((position for position, value in row["curve"] if value <= target), None)
+    if reached is None:
+        return None
+    if "gain_curve" not in row:  # a baseline: position = updates * T1 / planned updates
+        return reached * row["updates"] / row["T1"]
+    every = max(1, (row["updates"]) // 200)  # gain_curve keeps every `every`-th update
+    index = next(i for i, (position, _) in enumerate(row["gain_curve"]) if position >= reached - 1e-9)
+    return index * every + 1
+
+
 def table(path: Path) -> str:
-    """Markdown: validation loss, iterations and final parameter norm per method and scale
-    (means over seeds; 'div' = diverged in some seed), one table per task (latest grid)."""
+    """Markdown per task: validation loss, iterations, and iterations until the run first matched
+    the ``S = 1`` run's final validation loss, per method and scale (means over seeds; 'div' =
+    diverged in some seed, '-' = never matched it in some seed), and the final parameter norms."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     lines = []
     for name in [t for t in TASKS if any(r["task"] == t for r in rows)]:
@@ -219,11 +233,15 @@ def table(path: Path) -> str:
         lines += [
             f"**{name}** (T1 = {runs[0]['T1']}, base batch {BATCH} x {ByteLM.SEQ} bytes, AdamW lr {runs[0]['lr']:g} "
             f"from the sweep {tuned}; weight decay {WEIGHT_DECAY}; seeds {seeds}). "
-            "Validation loss (iterations, final parameter norm):",
+            "Validation loss (iterations; iterations until the S = 1 run's final validation loss was first "
+            "matched, '-' = never):",
             "",
             "| S | " + " | ".join(METHODS) + " |",
             "|---|" + "---|" * len(METHODS),
         ]
+        base = [r["val_loss"] for r in runs if r["scale"] == 1 and r["method"] == "AS"]
+        target = sum(base) / len(base)
+        norms = []
         for scale in sorted({r["scale"] for r in runs}):
             cells = []
             for method in METHODS:
@@ -233,9 +251,13 @@ def table(path: Path) -> str:
                 elif any(r["val_loss"] is None for r in picked):
                     cells.append("div")
                 else:
-                    mean = lambda key: sum(r[key] for r in picked) / len(picked)  # noqa: E731
-                    cells.append(f"{mean('val_loss'):.3f} ({mean('updates'):.0f}, {mean('param_norm'):.1f})")
+                    mean = lambda values: sum(values) / len(values)  # noqa: E731
+                    reach = [r["updates"] if scale == 1 else iterations_to(r, target) for r in picked]
+                    reached = "-" if None in reach else f"{mean(reach):.0f}"
+                    cells.append(f"{mean([r['val_loss'] for r in picked]):.3f} ({mean([r['updates'] for r in picked]):.0f}; {reached})")
+                    norms.append(f"{method} S={scale}: {mean([r['param_norm'] for r in picked]):.1f}")
             lines.append(f"| {scale} | " + " | ".join(cells) + " |")
+        lines += ["", "Final parameter norms (decoupled weight decay in step with tau keeps them near S = 1's): " + "; ".join(norms)]
         lines.append("")
     return "\n".join(lines)
 
