@@ -257,7 +257,7 @@ def table(path: Path) -> str:
                     cells.append(f"{mean([r['val_loss'] for r in picked]):.3f} ({mean([r['updates'] for r in picked]):.0f}; {reached})")
                     norms.append(f"{method} S={scale}: {mean([r['param_norm'] for r in picked]):.1f}")
             lines.append(f"| {scale} | " + " | ".join(cells) + " |")
-        lines += ["", "Final parameter norms (decoupled weight decay in step with tau keeps them near S = 1's): " + "; ".join(norms)]
+        lines += ["", "Final parameter norms (mean over seeds): " + "; ".join(norms)]
         lines.append("")
     return "\n".join(lines)
 
