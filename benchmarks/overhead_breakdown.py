@@ -1,0 +1,107 @@
+"""Where AdaScale's overhead goes: its hooks alone versus the whole of it, on DDP.
+
+Three variants of the same DDP update (2 micro-batches, ``no_sync`` on the first), timed in
+alternation in one process run as in ``overhead.py``: the plain optimizer; the plain optimizer
+with AdaScale's gradient hooks installed (``MicroGradCapture``, reset after each update, no
+AdaScale ``step``); and AdaScale. The first ratio is the hooks' cost, the difference to the second
+the cost of AdaScale's ``step()`` (``||G||^2``, the probes, the all-reduce).
+
+    .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead_breakdown.py --workload gpt2 --pairs 300
+
+Without torchrun (``--single``) it times the plain optimizer, AdaScale and fairscale's AdaScale in
+one process instead (``S = 2`` micro-batches per update), where the per-hook cost is not blurred by
+the ranks' communication threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import LR, MOMENTUM, build_model, loss_of, micro_batch, ratio_ci  # noqa: E402
+
+from adascale_shard import AdaScale  # noqa: E402
+from adascale_shard.capture import MicroGradCapture  # noqa: E402
+
+
+def make_update(workload: str, kind: str, ranks: bool):
+    model = build_model(workload)
+    module = torch.nn.parallel.DistributedDataParallel(model) if ranks else model
+    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    opt, capture = base, None
+    if kind == "adascale":
+        opt = AdaScale(base, scale=None if ranks else 2)
+    elif kind == "fairscale":
+        from fairscale.optim import AdaScale as FairscaleAdaScale
+
+        opt = FairscaleAdaScale(base, world_size=1, num_gradients_to_accumulate=2)
+    elif kind == "hooks":
+        capture = MicroGradCapture([list(model.parameters())])
+    rank = dist.get_rank() if ranks else 0
+
+    def update(step: int) -> None:
+        for k in range(2):
+            with module.no_sync() if ranks and k == 0 else nullcontext():
+                (loss_of(module, micro_batch(workload, 2 * step + k, rank)) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+        if capture is not None:
+            capture.reset()
+
+    return update
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=("gpt2", "many_small"), default="gpt2")
+    p.add_argument("--pairs", type=int, default=300)
+    p.add_argument("--single", action="store_true", help="one process: base, AdaScale, fairscale")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    ranks = not args.single
+    if ranks:
+        dist.init_process_group("gloo")
+    kinds = ["base", "hooks", "adascale"] if ranks else ["base", "adascale", "fairscale"]
+    updates = {kind: make_update(args.workload, kind, ranks) for kind in kinds}
+    for step in range(3):  # warm-up
+        for kind in kinds:
+            updates[kind](step)
+    rng = random.Random(0)
+    ratios = {kind: [] for kind in kinds[1:]}
+    for step in range(3, 3 + args.pairs):
+        order = kinds[:]
+        rng.shuffle(order)  # the same order on every rank
+        seconds = {}
+        for kind in order:
+            if ranks:
+                dist.barrier()
+            start = time.perf_counter()
+            updates[kind](step)
+            if ranks:
+                dist.barrier()
+            seconds[kind] = time.perf_counter() - start
+        for kind in ratios:
+            ratios[kind].append(seconds[kind] / seconds["base"])
+    if not ranks or dist.get_rank() == 0:
+        where = f"DDP x {dist.get_world_size()}" if ranks else "one process"
+        for kind, values in ratios.items():
+            mean, lo, hi = ratio_ci(values)
+            print(f"{args.workload} {where} {kind} / base: {mean:.4f} [{lo:.4f}, {hi:.4f}] ({len(values)} pairs)")
+        if not ranks:
+            head = [a / f for a, f in zip(ratios["adascale"], ratios["fairscale"])]
+            mean, lo, hi = ratio_ci(head)
+            print(f"{args.workload} {where} adascale / fairscale: {mean:.4f} [{lo:.4f}, {hi:.4f}]")
+    if ranks:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
