@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -124,6 +125,13 @@ def assert_same_result(run: dict, reference: dict) -> None:
         assert torch.equal(p, q)
 
 
+def worker_failure_reported(stderr: str) -> bool:
+    """torchrun reports the first worker failure it notices: the killed rank (SIGKILL, -9) or its
+    peer, which gloo aborts (SIGABRT, -6) when the connection drops; which one comes first is a
+    race (seen both ways here)."""
+    return re.search(r"failed \(exitcode: -(9|6)\)", stderr) is not None
+
+
 def test_clean_run_checkpoints_and_ends_at_the_budget(runs):
     run = runs["clean"]
     result = run["result"]
@@ -138,7 +146,7 @@ def test_killed_rank_is_restarted_from_the_last_checkpoint_and_ends_bitwise_equa
     run = runs["killed_rank"]
     assert (run["dir"] / "killed_rank").exists()
     assert "mid-window at update 7, after micro-batch 0; SIGKILL" in run["stderr"]
-    assert "exitcode: -9" in run["stderr"]  # torchrun saw the SIGKILL
+    assert worker_failure_reported(run["stderr"])
     assert run["result"]["attempt"] == 1  # the group was restarted once
     first = [e["update"] for e in events(run, "update", attempt=0)]
     assert first == list(range(1, 8))  # attempt 0 died during update 8
@@ -155,7 +163,7 @@ def test_killed_rank_is_restarted_from_the_last_checkpoint_and_ends_bitwise_equa
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(runs):
     run = runs["killed_in_save"]
     assert (run["dir"] / "killed_in_save").exists()
-    assert "killed while saving" in run["stderr"] and "exitcode: -9" in run["stderr"]
+    assert "killed while saving" in run["stderr"] and worker_failure_reported(run["stderr"])
     assert run["result"]["attempt"] == 1
     assert [e["update"] for e in events(run, "saved", attempt=0)] == [3]  # the save of 6 never completed
     (stale,) = events(run, "stale_tmp", attempt=1)
