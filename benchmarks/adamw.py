@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_invariance import ByteLM, accumulate, base_schedule, lsw_schedule  # noqa: E402
+from scale_invariance import ByteLM, accumulate, base_schedule, lsw_schedule, train_loop  # noqa: E402
 
 from adascale_shard import AdaScale, ScaleInvariantScheduler, estimators  # noqa: E402
 
@@ -158,25 +158,8 @@ def run(task: ByteLM, start: torch.nn.Module | None, method: str, scale: int, lr
         planned = math.ceil(steps / scale)
         multiplier = lsw_schedule(steps, planned, scale ** BASELINES[method])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
-    losses, curve, gains = [], [], []
-    updates, diverged, next_eval = 0, False, steps / 10
-    started = time.perf_counter()
-    while not (opt.budget_spent(steps) if planned is None else updates >= planned):
-        total = accumulate(task, model, scale, BATCH, gen)
-        opt.step()
-        opt.zero_grad()
-        sched.step()
-        updates += 1
-        losses.append(total)
-        position = opt.tau if planned is None else updates * steps / planned
-        if planned is None:
-            gains.append((position, opt.gain()))
-        if not math.isfinite(total):
-            diverged = True
-            break
-        if position >= next_eval:
-            curve.append((position, task.evaluate(model)["val_loss"]))
-            next_eval += steps / 10
+    loop = train_loop(task, model, opt, sched, scale=scale, batch=BATCH, gen=gen, steps=steps, planned=planned, metric="val_loss")
+    updates, losses, curve, gains, diverged = (loop[k] for k in ("updates", "losses", "curve", "gains", "diverged"))
     tail = losses[-max(1, len(losses) // 10) :]
     row = {
         "method": method,
@@ -189,7 +172,7 @@ def run(task: ByteLM, start: torch.nn.Module | None, method: str, scale: int, lr
         "val_loss": None if diverged else task.evaluate(model)["val_loss"],
         "param_norm": torch.cat([p.detach().flatten() for p in model.parameters()]).norm().item(),
         "diverged": diverged,
-        "seconds": time.perf_counter() - started,
+        "seconds": loop["seconds"],
         "curve": curve,
     }
     if gains:

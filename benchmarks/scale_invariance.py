@@ -164,23 +164,10 @@ def accumulate(task, model, scale: int, batch: int, gen: torch.Generator) -> flo
     return total
 
 
-def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: int, stretch_to: int | None = None) -> dict:
-    """One training run; the validation metric is also recorded every T1/10 scale-invariant steps
-    (AS: tau; LSW/LSW+: how far along the base schedule the run is) and AS's gain every update."""
-    model = task.model(seed)
-    if dist.is_initialized():
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    base = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
-    spec = TASKS[task.name]
-    if method == "AS":
-        opt = AdaScale(base)  # S = N = scale micro-batches of the base size
-        sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)))
-        planned = None
-    else:
-        opt = base
-        planned = stretch_to if method == "LSW+" else math.ceil(steps / scale)
-        sched = torch.optim.lr_scheduler.LambdaLR(base, lsw_schedule(steps, planned, scale))
+def train_loop(task, model, opt, sched, *, scale: int, batch: int, gen: torch.Generator, steps: int, planned: int | None, metric: str) -> dict:  # noqa: ANN001
+    """Update until ``tau >= steps`` (AdaScale: ``planned`` is None) or for ``planned`` updates;
+    the validation ``metric`` every ``steps / 10`` scale-invariant steps (AdaScale: ``tau``; else
+    how far along the base schedule the run is), AdaScale's gain every update."""
     losses: list[float] = []
     curve: list[tuple[float, float]] = []
     gains: list[tuple[float, float]] = []
@@ -200,8 +187,30 @@ def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: 
             diverged = True
             break
         if position >= next_eval:
-            curve.append((position, task.evaluate(getattr(model, "module", model))[spec["metric"]]))
+            curve.append((position, task.evaluate(getattr(model, "module", model))[metric]))
             next_eval += steps / 10
+    return {"updates": updates, "losses": losses, "curve": curve, "gains": gains, "diverged": diverged, "seconds": time.perf_counter() - started}
+
+
+def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: int, stretch_to: int | None = None) -> dict:
+    """One training run; the validation metric is also recorded every T1/10 scale-invariant steps
+    (AS: tau; LSW/LSW+: how far along the base schedule the run is) and AS's gain every update."""
+    model = task.model(seed)
+    if dist.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    base = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+    spec = TASKS[task.name]
+    if method == "AS":
+        opt = AdaScale(base)  # S = N = scale micro-batches of the base size
+        sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)))
+        planned = None
+    else:
+        opt = base
+        planned = stretch_to if method == "LSW+" else math.ceil(steps / scale)
+        sched = torch.optim.lr_scheduler.LambdaLR(base, lsw_schedule(steps, planned, scale))
+    loop = train_loop(task, model, opt, sched, scale=scale, batch=batch, gen=gen, steps=steps, planned=planned, metric=spec["metric"])
+    updates, losses, curve, gains, diverged = (loop[k] for k in ("updates", "losses", "curve", "gains", "diverged"))
     metrics = task.evaluate(getattr(model, "module", model)) if not diverged else {}
     tail = losses[-max(1, len(losses) // 10) :]
     extra = {}
@@ -221,7 +230,7 @@ def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: 
         "micro_batches": updates * scale,
         "train_loss": sum(tail) / len(tail) if not diverged else None,
         "diverged": diverged,
-        "seconds": time.perf_counter() - started,
+        "seconds": loop["seconds"],
         "curve": curve,
         **metrics,
         **extra,
