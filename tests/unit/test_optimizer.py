@@ -387,6 +387,45 @@ def test_state_dict_round_trip_continues_identically():
     assert {"format_version", "tau", "gain", "grad_var_avg", "grad_sqr_avg", "avg_weight"} <= keys
 
 
+def test_saving_in_the_middle_of_an_accumulation_window():
+    """A checkpoint taken after 2 of an update's 4 backward passes holds the state of the last
+    update (pending statistics, like the pending .grad, are not saved) and does not disturb the
+    window: the saving run goes on unchanged, and a run resumed from it that replays the whole
+    window ends bitwise equal to the uninterrupted one."""
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    reference_model = copy.deepcopy(m)
+    reference_opt = AdaScale(torch.optim.SGD(reference_model.parameters(), lr=0.1, momentum=0.9))
+    uninterrupted = train(reference_model, reference_opt, 4)
+
+    trace = train(m, opt, 2)
+    batches = micro_batches(2, 4)
+
+    def backward(x, y):  # one micro-batch of a 4-micro-batch update, as train() does it
+        (torch.nn.functional.mse_loss(m(x), y) / 4).backward()
+
+    for x, y in batches[:2]:  # the window of update 2 is half done: 2 passes pending
+        backward(x, y)
+    saved_model, saved_opt = copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict())
+    assert saved_opt["adascale"]["updates"] == 2 and saved_opt["adascale"]["tau"] == trace[-1][1]
+    for x, y in batches[2:]:  # the saving run finishes the window as if nothing happened
+        backward(x, y)
+    opt.step()
+    opt.zero_grad()
+    trace.append((opt.gain(), opt.tau))
+    trace += train(m, opt, 1, start=3)
+    assert trace == uninterrupted
+
+    m2 = make_model(seed=99)
+    m2.load_state_dict(saved_model)
+    opt2 = AdaScale(torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9))
+    opt2.load_state_dict(saved_opt)
+    resumed = train(m2, opt2, 2, start=2)  # replays update 2 from its first micro-batch
+    assert resumed == uninterrupted[2:]
+    for p, q in zip(reference_model.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_load_state_dict_errors_and_plain_optimizer_state():
     m = make_model()
     opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
