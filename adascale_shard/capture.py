@@ -33,9 +33,6 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-_NORM_DTYPES = {dtype: _norm_dtype(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
-
-
 def _local(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_local() if hasattr(grad, "to_local") else grad
 
@@ -366,6 +363,13 @@ class MicroGradCapture:
         post = torch.stack(torch._foreach_norm(probes)).to(torch.float64).square().tolist()
         ratios = [a / b for a, b in zip(pre, post) if b > 0 and a > 0]
         if not ratios:
+            if not self._warned_modified:
+                self._warned_modified = True
+                logger.warning(
+                    "AdaScale: the probe gradients (the smallest parameters') are zero, so a clip or "
+                    "unscale between the last backward pass and step() cannot be recovered; ||G||^2 "
+                    "is taken as it is at step()"
+                )
             return now
         if max(ratios) - min(ratios) > 1e-4 * max(ratios):
             self._warn_modified("they were not scaled by one common factor")

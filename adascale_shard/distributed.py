@@ -5,12 +5,12 @@ This is the only module of the core that touches ``torch.distributed``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "all_reduce_sum", "start_all_reduce_sum"]
-
-from collections.abc import Callable
+__all__ = ["world_size", "start_all_reduce_sum"]
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -18,13 +18,6 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
-
-
-def all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum ``values`` over the ranks of ``group`` (in place; a no-op on one rank)."""
-    if world_size(group) > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    return values
 
 
 def start_all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> Callable[[], torch.Tensor]:

@@ -219,11 +219,13 @@ class AdaScale(torch.optim.Optimizer):
         cls = resolve_optimizer_class(base)
         try:
             return cls(optimizer, **base_kwargs)
-        except TypeError as err:
-            raise TypeError(
+        except (TypeError, ValueError, IndexError, KeyError) as err:
+            # A bad value (betas=[] from a JSON block) can fail anywhere inside the constructor.
+            kind = TypeError if isinstance(err, TypeError) else ValueError
+            raise kind(
                 f"AdaScale could not build the base optimizer {cls.__name__} with "
-                f"{sorted(base_kwargs)}: {err}. Check the base optimizer's arguments (AdaScale's "
-                f"own are {list(AdaScaleConfig.field_names())})"
+                f"{sorted(base_kwargs)}: {type(err).__name__}: {err}. Check the base optimizer's "
+                f"arguments (AdaScale's own are {list(AdaScaleConfig.field_names())})"
             ) from err
 
     # -- the base optimizer's groups and state, shared ----------------------------------------

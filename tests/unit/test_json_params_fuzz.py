@@ -4,7 +4,7 @@ raises ValueError/TypeError whose message names a setting; nothing else escapes.
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from adascale_shard import AdaScale
@@ -34,6 +34,7 @@ def params_blocks(draw):
 
 @settings(max_examples=300, deadline=None)
 @given(block=params_blocks())
+@example(block={"optimizer": "AdamW", "weight_decay": None, "betas": []})  # an IndexError inside AdamW, once
 def test_json_params_build_or_fail_clearly(block):
     params = [torch.nn.Parameter(torch.zeros(3))]
     try:
