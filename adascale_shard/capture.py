@@ -33,6 +33,9 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+_MAX_SLOTS_PER_CHUNK = 256  # norm slots allocated together: one zero and one sum per chunk per pass
+
+
 def _local(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_local() if hasattr(grad, "to_local") else grad
 
@@ -116,8 +119,13 @@ class MicroGradCapture:
         self._nodes: list[torch.autograd.graph.Node] = []
         self.device: torch.device | None = None
         self._micro_sqr: torch.Tensor | None = None
-        self._micro_sqr_views: list[torch.Tensor] = []
-        self._pass_norms: list[list[torch.Tensor]] = []  # per group: this pass's hooked norms
+        # Every hook writes its micro-gradient's norm into its own preallocated slot of a chunk
+        # (no tensor made and kept per hook: holding ~100 small results per pass cost 1.7% of a
+        # DDP update here); a pass's slots are summed per group when it closes.
+        self._chunks: list[torch.Tensor] = []
+        self._chunk_groups: list[list[int]] = []  # the hook group of each used slot of a chunk
+        self._chunk_index: list[torch.Tensor | None] = []  # the slots' statistics groups, cached
+        self._open_chunk: dict[tuple[torch.device, torch.dtype], int] = {}
         self._group_of: list[int] = []  # a hook's group -> its statistics group (merge_groups)
         self._grad_sqr: torch.Tensor | None = None
         self.passes = 0
@@ -151,8 +159,6 @@ class MicroGradCapture:
         if self.device is not None:
             self._micro_sqr = self._grow(self._micro_sqr)
             self._grad_sqr = self._grow(self._grad_sqr)
-            self._micro_sqr_views = list(self._micro_sqr.unbind(0))  # one view per group, made once
-        self._pass_norms.append([])
         self._group_of.append(index)
 
     def merge_groups(self) -> None:
@@ -164,8 +170,24 @@ class MicroGradCapture:
         self._group_of = [0] * len(self._group_of)
         self._micro_sqr = self._grow(None)
         self._grad_sqr = self._grow(None)
-        self._micro_sqr_views = list(self._micro_sqr.unbind(0))
-        self._pass_norms = [[]]
+        self._chunk_index = [None] * len(self._chunks)
+
+    def _new_slot(self, group_index: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A 0-dim view of a chunk, for one hook's norm (chunks never move, so views stay valid)."""
+        key = (device, dtype)
+        chunk_id = self._open_chunk.get(key)
+        if chunk_id is None or len(self._chunk_groups[chunk_id]) == len(self._chunks[chunk_id]):
+            # 16, 32, ... 256 slots: a few chunks for any model, none much larger than it needs.
+            size = min(_MAX_SLOTS_PER_CHUNK, 16 * 2 ** sum(c.dtype == dtype and c.device == device for c in self._chunks))
+            chunk_id = len(self._chunks)
+            self._chunks.append(torch.zeros(size, dtype=dtype, device=device))
+            self._chunk_groups.append([])
+            self._chunk_index.append(None)
+            self._open_chunk[key] = chunk_id
+        slot = self._chunks[chunk_id][len(self._chunk_groups[chunk_id])]
+        self._chunk_groups[chunk_id].append(group_index)
+        self._chunk_index[chunk_id] = None
+        return slot
 
     def _grow(self, acc: torch.Tensor | None) -> torch.Tensor:
         new = torch.zeros(len(self.groups), dtype=torch.float64, device=self.device)
@@ -202,9 +224,10 @@ class MicroGradCapture:
         key = id(param)
         owner_ref = weakref.ref(param if owner is None else owner)
         norm_dtype = None if param.dtype in (torch.float32, torch.float64) else _norm_dtype(param.dtype)
-        to_device = None if param.device == self.device else self.device
+        slot = self._new_slot(group_index, param.device, norm_dtype or param.dtype)
         capture = self
         vector_norm = torch.linalg.vector_norm
+        hypot = torch.hypot
         graph_task_id = torch._C._current_graph_task_id
 
         def hook(grads):
@@ -217,16 +240,18 @@ class MicroGradCapture:
             elif task_id != capture._pass_task_id:
                 capture._note_reentrant()
             fired = capture._fired
+            capture._last_owner = owner_ref
             if key in fired:
                 # Second partial gradient of one parameter in one pass: ||a||^2 + ||b||^2 != ||a+b||^2.
                 capture._warn_split_gradient()
+                hypot(slot, vector_norm(grad, dtype=norm_dtype), out=slot)  # slot^2 += ||b||^2
+                return
             fired.add(key)
-            capture._last_owner = owner_ref
-            # One fused norm kernel (no temporary); a pass's norms are summed when it closes.
-            norm = vector_norm(grad) if norm_dtype is None else vector_norm(grad, dtype=norm_dtype)
-            if to_device is not None:
-                norm = norm.to(to_device, non_blocking=True)
-            capture._pass_norms[capture._group_of[group_index]].append(norm)
+            # One fused norm kernel, written in place.
+            if norm_dtype is None:
+                vector_norm(grad, out=slot)
+            else:
+                vector_norm(grad, dtype=norm_dtype, out=slot)
 
         return hook
 
@@ -275,6 +300,8 @@ class MicroGradCapture:
             self.reset()
         self._pass_open = True
         self._pass_task_id = task_id
+        for chunk in self._chunks:  # a hook that does not fire in this pass contributes 0
+            chunk.zero_()
         # Queued on this backward's graph task; it queues the closing step again so that it runs
         # after the callbacks engines queue later in the same backward (DDP's reduction).
         Variable._execution_engine.queue_callback(self._queue_close_pass)
@@ -286,10 +313,13 @@ class MicroGradCapture:
         self.passes += 1
         self._pass_open = False
         self._fired.clear()
-        for view, norms in zip(self._micro_sqr_views, self._pass_norms):
-            if norms:
-                view.add_(torch.stack(norms).to(torch.float64).square().sum())
-                norms.clear()
+        for chunk_id, chunk in enumerate(self._chunks):
+            index = self._chunk_index[chunk_id]
+            if index is None:  # unused slots are 0 and go to any group
+                groups = [self._group_of[g] for g in self._chunk_groups[chunk_id]]
+                index = torch.tensor(groups + [0] * (len(chunk) - len(groups)), device=self.device)
+                self._chunk_index[chunk_id] = index
+            self._micro_sqr.index_add_(0, index, chunk.to(device=self.device, dtype=torch.float64).square())
         if self.snapshot_on_close:
             if self.sharded_grads or any(hasattr(p.grad, "to_local") for p in self._probe_params):
                 self.snapshot_grad_sqr()  # shards: the probes' local norms could be empty on a rank
@@ -391,7 +421,5 @@ class MicroGradCapture:
         """Start a new window (the optimizer calls this when an update consumes one)."""
         self.passes = 0
         self._micro_sqr.zero_()
-        for norms in self._pass_norms:
-            norms.clear()
         self._sentinel = None
         self._deferred = None

@@ -49,10 +49,11 @@ def test_capture_adds_no_sync_and_no_gradient_sized_buffer():
         with_adascale, _ = backward_ops(wrap=True, dtype=dtype)
         added = with_adascale - base
         assert added, "the dispatch mode saw none of the hooks' work: the test would prove nothing"
-        # At most one scalar per parameter (a fused norm's outputs); the gradients hold 4096.
-        limit = len(list(model.parameters()))
+        # A few scalars per parameter (the norms' preallocated slots, their float64 squares, a
+        # chunk of at least 16 slots); the gradients hold 4096.
+        limit = 2 * len(list(model.parameters())) + 16
         assert max(p.numel() for p in model.parameters()) > 100 * limit
         assert not [op for op in with_adascale if op[0] in HOST_SYNC_OPS]
         big = [(op, n) for (op, n) in added if n > limit]
         assert not big, f"AdaScale allocated gradient-sized tensors in backward: {big}"
-        assert ("aten.linalg_vector_norm.default", 1) in added
+        assert any(op.startswith("aten.linalg_vector_norm") for op, _ in added)  # the hooks ran
