@@ -33,7 +33,11 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-_MAX_SLOTS_PER_CHUNK = 256  # norm slots allocated together: one zero and one sum per chunk per pass
+def _slot_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else _norm_dtype(dtype)
+
+
+_MAX_SLOTS_PER_CHUNK = 256  # norm slots allocated together when their number is not known ahead
 
 
 def _local(grad: torch.Tensor) -> torch.Tensor:
@@ -45,19 +49,25 @@ def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.devic
 
     Uses ``torch._foreach_norm`` (one fused kernel per dtype) and never synchronises the host.
     """
-    out = torch.zeros(len(groups), dtype=torch.float64, device=device)
-    for index, params in enumerate(groups):
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    out = []
+    for params in groups:
         # A DTensor (FSDP2) contributes its local shard; the shards are summed over ranks.
         grads = [p.grad for p in params]
         grads = [g if type(g) is torch.Tensor else _local(g) for g in grads if g is not None]
-        if not grads:
-            continue
         dtypes = {g.dtype for g in grads}
+        norms = []
         for dtype in dtypes:
             same = grads if len(dtypes) == 1 else [g for g in grads if g.dtype == dtype]
-            norms = torch.stack(torch._foreach_norm(same, 2, dtype=_norm_dtype(dtype)))
-            out[index] += norms.to(device=device, dtype=torch.float64).square().sum()
-    return out
+            norms += torch._foreach_norm(same, 2, dtype=_norm_dtype(dtype))
+        if norms:
+            if len(dtypes) > 1:
+                norms = [n.to(torch.float64) for n in norms]
+            norms = torch.stack(norms).to(device=device, dtype=torch.float64)
+            out.append(torch.dot(norms, norms))
+        else:
+            out.append(zero)
+    return torch.stack(out)
 
 
 def _gradient_accumulator(param: torch.Tensor) -> torch.autograd.graph.Node:
@@ -121,11 +131,15 @@ class MicroGradCapture:
         self._micro_sqr: torch.Tensor | None = None
         # Every hook writes its micro-gradient's norm into its own preallocated slot of a chunk
         # (no tensor made and kept per hook: holding ~100 small results per pass cost 1.7% of a
-        # DDP update here); a pass's slots are summed per group when it closes.
+        # DDP update here); a closing pass adds the squares of a chunk's slots to the chunk's
+        # float64 accumulator (one kernel per chunk), which are summed per group once per update.
         self._chunks: list[torch.Tensor] = []
+        self._chunk_sqr: list[torch.Tensor] = []  # per slot: sum of squared norms in the window
         self._chunk_groups: list[list[int]] = []  # the hook group of each used slot of a chunk
         self._chunk_index: list[torch.Tensor | None] = []  # the slots' statistics groups, cached
         self._open_chunk: dict[tuple[torch.device, torch.dtype], int] = {}
+        self._slots_ahead: dict[tuple[torch.device, torch.dtype], int] = {}  # hooks still to come
+        self._micro_sqr_stale = False
         self._group_of: list[int] = []  # a hook's group -> its statistics group (merge_groups)
         self._grad_sqr: torch.Tensor | None = None
         self.passes = 0
@@ -149,6 +163,12 @@ class MicroGradCapture:
         index = len(self.groups)
         params = list(params)
         self.groups.append(params)
+        # Size the next chunk for every parameter of the group (one chunk, one kernel per pass);
+        # with hook=False an engine hooks their stand-ins later (FSDP2's unsharded parameters).
+        for p in params:
+            if p.requires_grad:
+                key = (p.device, _slot_dtype(p.dtype))
+                self._slots_ahead[key] = self._slots_ahead.get(key, 0) + 1
         for p in params:
             if self.device is None:
                 self.device = p.device
@@ -169,18 +189,24 @@ class MicroGradCapture:
         self.groups = [[p for params in self.groups for p in params]]
         self._group_of = [0] * len(self._group_of)
         self._micro_sqr = self._grow(None)
+        self._micro_sqr_stale = True
         self._grad_sqr = self._grow(None)
         self._chunk_index = [None] * len(self._chunks)
 
     def _new_slot(self, group_index: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """A 0-dim view of a chunk, for one hook's norm (chunks never move, so views stay valid)."""
         key = (device, dtype)
+        ahead = self._slots_ahead.get(key, 0)
+        if ahead:
+            self._slots_ahead[key] = ahead - 1
         chunk_id = self._open_chunk.get(key)
         if chunk_id is None or len(self._chunk_groups[chunk_id]) == len(self._chunks[chunk_id]):
-            # 16, 32, ... 256 slots: a few chunks for any model, none much larger than it needs.
-            size = min(_MAX_SLOTS_PER_CHUNK, 16 * 2 ** sum(c.dtype == dtype and c.device == device for c in self._chunks))
+            # As many slots as hooks are announced; else 16, 32, ... 256: a few chunks for any model.
+            grown = min(_MAX_SLOTS_PER_CHUNK, 16 * 2 ** sum(c.dtype == dtype and c.device == device for c in self._chunks))
+            size = max(ahead, grown)
             chunk_id = len(self._chunks)
             self._chunks.append(torch.zeros(size, dtype=dtype, device=device))
+            self._chunk_sqr.append(torch.zeros(size, dtype=torch.float64, device=device))
             self._chunk_groups.append([])
             self._chunk_index.append(None)
             self._open_chunk[key] = chunk_id
@@ -224,7 +250,7 @@ class MicroGradCapture:
         key = id(param)
         owner_ref = weakref.ref(param if owner is None else owner)
         norm_dtype = None if param.dtype in (torch.float32, torch.float64) else _norm_dtype(param.dtype)
-        slot = self._new_slot(group_index, param.device, norm_dtype or param.dtype)
+        slot = self._new_slot(group_index, param.device, _slot_dtype(param.dtype))
         capture = self
         vector_norm = torch.linalg.vector_norm
         hypot = torch.hypot
@@ -313,13 +339,9 @@ class MicroGradCapture:
         self.passes += 1
         self._pass_open = False
         self._fired.clear()
-        for chunk_id, chunk in enumerate(self._chunks):
-            index = self._chunk_index[chunk_id]
-            if index is None:  # unused slots are 0 and go to any group
-                groups = [self._group_of[g] for g in self._chunk_groups[chunk_id]]
-                index = torch.tensor(groups + [0] * (len(chunk) - len(groups)), device=self.device)
-                self._chunk_index[chunk_id] = index
-            self._micro_sqr.index_add_(0, index, chunk.to(device=self.device, dtype=torch.float64).square())
+        for chunk, chunk_sqr in zip(self._chunks, self._chunk_sqr):
+            chunk_sqr.addcmul_(chunk, chunk)
+        self._micro_sqr_stale = True
         if self.snapshot_on_close:
             if self.sharded_grads or any(hasattr(p.grad, "to_local") for p in self._probe_params):
                 self.snapshot_grad_sqr()  # shards: the probes' local norms could be empty on a rank
@@ -343,6 +365,16 @@ class MicroGradCapture:
     @property
     def micro_sqr(self) -> torch.Tensor:
         """Per-group ``sum ||h||^2`` of this rank's hooked gradients in the window (float64)."""
+        if self._micro_sqr_stale:
+            self._micro_sqr_stale = False
+            self._micro_sqr.zero_()
+            for chunk_id, chunk_sqr in enumerate(self._chunk_sqr):
+                index = self._chunk_index[chunk_id]
+                if index is None:  # unused slots are 0 and go to any group
+                    groups = [self._group_of[g] for g in self._chunk_groups[chunk_id]]
+                    index = torch.tensor(groups + [0] * (len(chunk_sqr) - len(groups)), device=self.device)
+                    self._chunk_index[chunk_id] = index
+                self._micro_sqr.index_add_(0, index, chunk_sqr.to(self.device))
         return self._micro_sqr
 
     @property
@@ -367,9 +399,8 @@ class MicroGradCapture:
     def _defer_grad_sqr(self) -> None:
         probe_pairs = [(p, p.grad) for p in self._probe_params if p.grad is not None][:2]
         if probe_pairs:
-            probes = [g for _, g in probe_pairs]
-            probe_sqr = torch.stack(torch._foreach_norm(probes)).to(torch.float64).square()
-            self._deferred = (probe_pairs, probe_sqr, None)
+            # One fused kernel; the norms are compared (squared, on the host) only at step().
+            self._deferred = (probe_pairs, torch._foreach_norm([g for _, g in probe_pairs]), None)
         else:  # no probe gradient: fall back to noticing any change, to warn about it
             self._deferred = ([], None, self._fingerprint())
 
@@ -377,10 +408,10 @@ class MicroGradCapture:
         return [None if g is None else (id(g), g._version) for g in (p.grad for ps in self.groups for p in ps)]
 
     def _resolve_grad_sqr(self) -> torch.Tensor:
-        probe_pairs, probe_sqr, fingerprint = self._deferred
+        probe_pairs, probe_norms, fingerprint = self._deferred
         self._deferred = None
         now = grad_sqr_norms(self.groups, self.device)
-        if probe_sqr is None:
+        if probe_norms is None:
             if self._fingerprint() != fingerprint:
                 self._warn_modified("a gradient was replaced or removed")
             return now
@@ -389,8 +420,8 @@ class MicroGradCapture:
             self._warn_modified("a gradient was replaced or removed")
             return now
         # Version counters miss some in-place kernels (GradScaler's unscale), so the probes decide.
-        pre = probe_sqr.tolist()
-        post = torch.stack(torch._foreach_norm(probes)).to(torch.float64).square().tolist()
+        both = torch.stack([*probe_norms, *torch._foreach_norm(probes)]).to(torch.float64).square().tolist()
+        pre, post = both[: len(probes)], both[len(probes) :]
         ratios = [a / b for a, b in zip(pre, post) if b > 0 and a > 0]
         if not ratios:
             if not self._warned_modified:
@@ -420,6 +451,9 @@ class MicroGradCapture:
     def reset(self) -> None:
         """Start a new window (the optimizer calls this when an update consumes one)."""
         self.passes = 0
+        for chunk_sqr in self._chunk_sqr:
+            chunk_sqr.zero_()
         self._micro_sqr.zero_()
+        self._micro_sqr_stale = False
         self._sentinel = None
         self._deferred = None

@@ -57,3 +57,31 @@ def test_capture_adds_no_sync_and_no_gradient_sized_buffer():
         big = [(op, n) for (op, n) in added if n > limit]
         assert not big, f"AdaScale allocated gradient-sized tensors in backward: {big}"
         assert any(op.startswith("aten.linalg_vector_norm") for op, _ in added)  # the hooks ran
+
+
+
+def second_pass_ops(wrap):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(40)])  # 80 parameters
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if wrap:
+        opt = AdaScale(opt, scale=2)
+    x = torch.randn(4, 8)
+    model(x).pow(2).mean().backward()
+    recorder = OpRecorder()
+    with recorder:
+        model(x).pow(2).mean().backward()
+    return recorder.ops, opt
+
+
+def test_pass_bookkeeping_is_a_few_kernels_whatever_the_parameter_count():
+    # Beyond one norm per parameter, opening and closing a pass costs a constant number of
+    # kernels: every norm slot lies in one chunk sized for the optimizer's parameters.
+    base, _ = second_pass_ops(wrap=False)
+    with_adascale, opt = second_pass_ops(wrap=True)
+    added = with_adascale - base
+    norms = sum(n for (op, _), n in added.items() if op.startswith("aten.linalg_vector_norm"))
+    assert norms == 80
+    assert len(opt._capture._chunks) == 1
+    bookkeeping = sum(added.values()) - norms
+    assert 0 < bookkeeping <= 4, f"the per-pass bookkeeping grew with the model: {added}"
