@@ -1,10 +1,13 @@
-"""Where AdaScale's overhead goes: its hooks alone versus the whole of it, on DDP.
+"""Where AdaScale's overhead goes on DDP: its hooks, its step's computation, its one collective.
 
-Three variants of the same DDP update (2 micro-batches, ``no_sync`` on the first), timed in
+Four variants of the same DDP update (2 micro-batches, ``no_sync`` on the first), timed in
 alternation in one process run as in ``overhead.py``: the plain optimizer; the plain optimizer
 with AdaScale's gradient hooks installed (``MicroGradCapture``, reset after each update, no
-AdaScale ``step``); and AdaScale. The first ratio is the hooks' cost, the difference to the second
-the cost of AdaScale's ``step()`` (``||G||^2``, the probes, the all-reduce).
+AdaScale ``step``); AdaScale on a one-rank process group of its own (``local``: everything but the
+all-reduce of the statistics; each rank's gain then comes from its own micro-gradients, which is
+fine for timing and nothing else); and AdaScale. ``hooks / base`` is the hooks' cost,
+``local / hooks`` the step's computation (``||G||^2``, the probes, the estimator), and
+``adascale / local`` the all-reduce of 3 float64.
 
     .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead_breakdown.py --workload gpt2 --pairs 300
 
@@ -32,13 +35,15 @@ from adascale_shard import AdaScale  # noqa: E402
 from adascale_shard.capture import MicroGradCapture  # noqa: E402
 
 
-def make_update(workload: str, kind: str, ranks: bool):
+def make_update(workload: str, kind: str, ranks: bool, own_group=None):  # noqa: ANN001
     model = build_model(workload)
     module = torch.nn.parallel.DistributedDataParallel(model) if ranks else model
     base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     opt, capture = base, None
     if kind == "adascale":
         opt = AdaScale(base, scale=None if ranks else 2)
+    elif kind == "local":
+        opt = AdaScale(base, scale=2, process_group=own_group)
     elif kind == "fairscale":
         from fairscale.optim import AdaScale as FairscaleAdaScale
 
@@ -69,8 +74,12 @@ def main() -> None:
     ranks = not args.single
     if ranks:
         dist.init_process_group("gloo")
-    kinds = ["base", "hooks", "adascale"] if ranks else ["base", "adascale", "fairscale"]
-    updates = {kind: make_update(args.workload, kind, ranks) for kind in kinds}
+    kinds = ["base", "hooks", "local", "adascale"] if ranks else ["base", "adascale", "fairscale"]
+    own_group = None
+    if ranks:  # every rank takes part in creating every group
+        singletons = [dist.new_group([r], backend="gloo") for r in range(dist.get_world_size())]
+        own_group = singletons[dist.get_rank()]
+    updates = {kind: make_update(args.workload, kind, ranks, own_group) for kind in kinds}
     for step in range(3):  # warm-up
         for kind in kinds:
             updates[kind](step)
@@ -95,6 +104,11 @@ def main() -> None:
         for kind, values in ratios.items():
             mean, lo, hi = ratio_ci(values)
             print(f"{args.workload} {where} {kind} / base: {mean:.4f} [{lo:.4f}, {hi:.4f}] ({len(values)} pairs)")
+        if ranks:  # the parts, each paired within a round
+            for upper, lower in (("local", "hooks"), ("adascale", "local")):
+                part = [u / l for u, l in zip(ratios[upper], ratios[lower])]
+                mean, lo, hi = ratio_ci(part)
+                print(f"{args.workload} {where} {upper} / {lower}: {mean:.4f} [{lo:.4f}, {hi:.4f}]")
         if not ranks:
             head = [a / f for a, f in zip(ratios["adascale"], ratios["fairscale"])]
             mean, lo, hi = ratio_ci(head)
