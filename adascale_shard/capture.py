@@ -3,9 +3,10 @@
 A pre-hook on a parameter's gradient accumulator (the autograd node that adds into ``.grad``)
 sees the gradient that one backward pass contributes to it, before it is accumulated and before
 DDP or DeepSpeed reduce it across ranks (their hooks run after the accumulation).
-:class:`MicroGradCapture` adds the squared norm of that gradient to a per-group accumulator on the
-gradient's device: no ``.item()``, no host synchronisation and no gradient-sized buffer inside
-backward.
+:class:`MicroGradCapture` writes the norm of that gradient into a preallocated slot on the
+gradient's device, and a closing pass adds the slots' squares to per-slot float64 sums (summed per
+parameter group once per update): no ``.item()``, no host synchronisation and no gradient-sized
+buffer inside backward.
 
 Backward passes are counted by the capture itself (a pass opens at its first hook and closes in
 a callback queued on the autograd engine), so frozen or unused parameters do not change the
