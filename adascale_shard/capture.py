@@ -250,8 +250,9 @@ class MicroGradCapture:
         # constants bound here: on models with many small tensors its cost is the overhead.
         key = id(param)
         owner_ref = weakref.ref(param if owner is None else owner)
-        norm_dtype = None if param.dtype in (torch.float32, torch.float64) else _norm_dtype(param.dtype)
-        slot = self._new_slot(group_index, param.device, _slot_dtype(param.dtype))
+        slot_dtype = _slot_dtype(param.dtype)
+        norm_dtype = None if slot_dtype == param.dtype else slot_dtype  # None: the norm's own dtype
+        slot = self._new_slot(group_index, param.device, slot_dtype)
         capture = self
         vector_norm = torch.linalg.vector_norm
         hypot = torch.hypot

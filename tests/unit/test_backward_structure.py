@@ -26,27 +26,32 @@ class OpRecorder(TorchDispatchMode):
         return out
 
 
-def backward_ops(wrap, dtype=torch.float32):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
+def mlp(dtype):
+    return torch.nn.Sequential(
         torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
     ).to(dtype)
+
+
+def backward_ops(wrap, dtype=torch.float32, build=mlp, **adascale_kwargs):
+    """The ops of the second of two backward passes (it accumulates into existing .grad)."""
+    torch.manual_seed(0)
+    model = build(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     if wrap:
-        opt = AdaScale(opt)
-    x = torch.randn(16, 64, dtype=dtype)
-    for _ in range(2):  # the second pass accumulates into existing .grad
+        opt = AdaScale(opt, **adascale_kwargs)
+    x = torch.randn(16, model[0].in_features, dtype=dtype)
+    for _ in range(2):
         loss = model(x).float().pow(2).mean()
         recorder = OpRecorder()
         with recorder:
             loss.backward()
-    return recorder.ops, model
+    return recorder.ops, model, opt
 
 
 def test_capture_adds_no_sync_and_no_gradient_sized_buffer():
     for dtype in (torch.float32, torch.bfloat16):
-        base, model = backward_ops(wrap=False, dtype=dtype)
-        with_adascale, _ = backward_ops(wrap=True, dtype=dtype)
+        base, model, _ = backward_ops(wrap=False, dtype=dtype)
+        with_adascale, _, _ = backward_ops(wrap=True, dtype=dtype)
         added = with_adascale - base
         assert added, "the dispatch mode saw none of the hooks' work: the test would prove nothing"
         # A few scalars per parameter (the norms' preallocated slots, their float64 squares, a
@@ -59,26 +64,15 @@ def test_capture_adds_no_sync_and_no_gradient_sized_buffer():
         assert any(op.startswith("aten.linalg_vector_norm") for op, _ in added)  # the hooks ran
 
 
-
-def second_pass_ops(wrap):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(40)])  # 80 parameters
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    if wrap:
-        opt = AdaScale(opt, scale=2)
-    x = torch.randn(4, 8)
-    model(x).pow(2).mean().backward()
-    recorder = OpRecorder()
-    with recorder:
-        model(x).pow(2).mean().backward()
-    return recorder.ops, opt
+def many_small_linears(dtype):
+    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(40)]).to(dtype)  # 80 parameters
 
 
 def test_pass_bookkeeping_is_a_few_kernels_whatever_the_parameter_count():
     # Beyond one norm per parameter, opening and closing a pass costs a constant number of
     # kernels: every norm slot lies in one chunk sized for the optimizer's parameters.
-    base, _ = second_pass_ops(wrap=False)
-    with_adascale, opt = second_pass_ops(wrap=True)
+    base, _, _ = backward_ops(wrap=False, build=many_small_linears)
+    with_adascale, _, opt = backward_ops(wrap=True, build=many_small_linears, scale=2)
     added = with_adascale - base
     norms = sum(n for (op, _), n in added.items() if op.startswith("aten.linalg_vector_norm"))
     assert norms == 80
