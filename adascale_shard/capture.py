@@ -12,7 +12,10 @@ Backward passes are counted by the capture itself (a pass opens at its first hoo
 a callback queued on the autograd engine), so frozen or unused parameters do not change the
 count. ``||G||^2`` is the pre-clip norm of the reduced gradient: replicated gradients are measured
 at ``step()`` (a uniform clip or unscale in between is recovered from probe gradients recorded
-when the last pass closed); sharded ones when the last pass closes, after the reduction.
+when the last pass closed); sharded ones when the last pass closes, after the reduction. Either
+way each rank reads only its part of the gradient: its shard, or on ranks that hold the same
+replicated gradient (DDP) a share of the tensors (:func:`replica_share`); the parts' squares are
+summed in the optimizer's one all-reduce.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.autograd import Variable
 
-__all__ = ["MicroGradCapture", "grad_sqr_norms"]
+__all__ = ["MicroGradCapture", "grad_sqr_norms", "replica_share"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,26 @@ def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.devic
         else:
             out.append(zero)
     return torch.stack(out)
+
+
+def replica_share(groups: Sequence[Sequence[torch.Tensor]], rank: int, ranks: int) -> list[list[torch.Tensor]]:
+    """The tensors of each group whose squared norms ``rank`` of ``ranks`` measures, when every
+    rank holds the same gradients: the whole model dealt out largest first, each tensor to the rank
+    with the fewest elements so far, so that each reads about ``1/ranks`` of the gradient. Every
+    rank computes the same deal from the same shapes; the shares' squares add up to ``||G||^2``."""
+    share: list[list[torch.Tensor]] = [[] for _ in groups]
+    loads = [0] * ranks
+    tensors = [(p.numel(), g, i) for g, params in enumerate(groups) for i, p in enumerate(params) if p.requires_grad]
+    for numel, g, i in sorted(tensors, key=lambda t: (-t[0], t[1], t[2])):
+        owner = min(range(ranks), key=loads.__getitem__)  # the first rank among equals: deterministic
+        loads[owner] += numel
+        if owner == rank:
+            share[g].append(groups[g][i])
+    return share
+
+
+def _one_replica() -> tuple[int, int]:
+    return 0, 1
 
 
 def _gradient_accumulator(param: torch.Tensor) -> torch.autograd.graph.Node:
@@ -117,6 +140,9 @@ class MicroGradCapture:
         loss_scale (float): the factor the loss was multiplied by in this window's backward
             passes (an fp16 loss scale); the hooked squares are divided by its square, so they
             are in the units of an unscaled ``||G||^2``.
+        replicas: returns ``(rank, ranks)`` of the processes whose ``.grad`` are replicas of each
+            other (the optimizer's process group); with ``ranks > 1`` and replicated gradients,
+            each rank measures only :func:`replica_share` of ``||G||^2``.
     """
 
     def __init__(self, groups: Sequence[Sequence[torch.Tensor]], *, hook: bool = True) -> None:
@@ -126,6 +152,9 @@ class MicroGradCapture:
         self.detect_reset = True
         self.grad_sqr_fn: Callable[[], torch.Tensor] | None = None
         self.loss_scale = 1.0
+        self.replicas: Callable[[], tuple[int, int]] = _one_replica
+        self._share: tuple[tuple, list[list[torch.Tensor]]] | None = None  # (its key, the share)
+        self._grad_sqr_is_share = False  # the last ||G||^2 measured covers this rank's share only
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._nodes: list[torch.autograd.graph.Node] = []
         self.device: torch.device | None = None
@@ -381,17 +410,37 @@ class MicroGradCapture:
 
     @property
     def grad_sqr(self) -> torch.Tensor:
-        """Per-group ``||G||^2`` of this update (this rank's share when ``sharded_grads``)."""
+        """Per-group ``||G||^2`` of this update, or this rank's part of it (see :attr:`grad_sqr_is_part`)."""
         if self.grad_sqr_fn is not None:
             return self.grad_sqr_fn()
         if self._deferred is not None:
             self._grad_sqr = self._resolve_grad_sqr()
         return self._grad_sqr
 
+    @property
+    def grad_sqr_is_part(self) -> bool:
+        """Whether :attr:`grad_sqr` is this rank's part of ``||G||^2``, to be summed over the ranks:
+        its shard (``sharded_grads``) or its share of replicated gradients. Read it after
+        :attr:`grad_sqr`."""
+        return self.grad_sqr_fn is None and (self.sharded_grads or self._grad_sqr_is_share)
+
     def snapshot_grad_sqr(self) -> None:
         """Take ``||G||^2`` from the ``.grad`` of the groups now (no host synchronisation)."""
         self._deferred = None
-        self._grad_sqr = grad_sqr_norms(self.groups, self.device)
+        self._grad_sqr = self._measure_grad_sqr()
+
+    def _measure_grad_sqr(self) -> torch.Tensor:
+        groups = self.groups
+        self._grad_sqr_is_share = False
+        if not self.sharded_grads:
+            rank, ranks = self.replicas()
+            if ranks > 1:
+                key = (rank, ranks, tuple(len(params) for params in groups))
+                if self._share is None or self._share[0] != key:
+                    self._share = (key, replica_share(groups, rank, ranks))
+                groups = self._share[1]
+                self._grad_sqr_is_share = True
+        return grad_sqr_norms(groups, self.device)
 
     # ``||G||^2`` of replicated gradients is needed once per update, but which backward pass is
     # the last one is only known at step(). So a closing pass records where each gradient stands
@@ -412,7 +461,7 @@ class MicroGradCapture:
     def _resolve_grad_sqr(self) -> torch.Tensor:
         probe_pairs, probe_norms, fingerprint = self._deferred
         self._deferred = None
-        now = grad_sqr_norms(self.groups, self.device)
+        now = self._measure_grad_sqr()
         if probe_norms is None:
             if self._fingerprint() != fingerprint:
                 self._warn_modified("a gradient was replaced or removed")

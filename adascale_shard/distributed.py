@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "start_all_reduce_sum"]
+__all__ = ["world_size", "rank_and_world_size", "start_all_reduce_sum"]
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
@@ -18,6 +18,13 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """This process's rank in the group and the group's size; ``(0, 1)`` outside ``torch.distributed``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def start_all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> Callable[[], torch.Tensor]:

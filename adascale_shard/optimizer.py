@@ -15,7 +15,7 @@ import torch.distributed as dist
 from . import estimators
 from .capture import MicroGradCapture
 from .config import AdaScaleConfig
-from .distributed import start_all_reduce_sum, world_size
+from .distributed import rank_and_world_size, start_all_reduce_sum, world_size
 
 __all__ = ["AdaScale", "resolve_optimizer_class", "STATE_DICT_KEY", "STATE_FORMAT_VERSION"]
 
@@ -180,6 +180,7 @@ class AdaScale(torch.optim.Optimizer):
             self._capture = build_capture(self.optimizer.param_groups)
         else:
             self._capture = MicroGradCapture([g["params"] for g in self.optimizer.param_groups])
+        self._capture.replicas = self._rank_and_world_size
         if self._capture.num_hooks == 0 and not self._capture.sharded_grads:
             raise ValueError(
                 "AdaScale found no parameter that requires a gradient in the optimizer's "
@@ -401,6 +402,9 @@ class AdaScale(torch.optim.Optimizer):
             self._updates += 1
         return loss
 
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        return rank_and_world_size(self.process_group)
+
     def _check_plain_hooks_fired(self) -> None:
         """Raise if plain (non-DTensor) gradients are non-zero although no backward pass was ever
         recorded. Runs only until the first recorded pass; zero gradients (the state-building
@@ -431,14 +435,14 @@ class AdaScale(torch.optim.Optimizer):
         passes = capture.passes
         counts = torch.tensor([passes, passes * passes], dtype=torch.float64, device=capture.device)
         ranks = world_size(self.process_group)
-        if capture.sharded_grads:  # each rank holds a share of ||G||^2: summed with the rest
-            wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts, capture.grad_sqr]), self.process_group)
+        local_grad_sqr = capture.grad_sqr
+        if capture.grad_sqr_is_part:
+            # This rank measured its part of ||G||^2 (its shard, or its share of the tensors of a
+            # replicated gradient: each rank reads 1/ranks of G): summed with the rest.
+            wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts, local_grad_sqr]), self.process_group)
             values = wait().tolist()  # the one host synchronisation per update
-        else:
-            # Every rank holds the same full ||G||^2: it is not reduced, and it is measured while
-            # the collective is in flight, which hides the collective's latency.
+        else:  # the engine's global norm (ZeRO), or one process: the same on every rank
             wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts]), self.process_group)
-            local_grad_sqr = capture.grad_sqr
             values = torch.cat([wait(), local_grad_sqr]).tolist()  # the one host synchronisation
         capture.reset()
         micro_sum = values[:num_groups]
@@ -512,6 +516,7 @@ class AdaScale(torch.optim.Optimizer):
             )
         if capture is not self._capture:
             self._capture.detach()
+        capture.replicas = self._rank_and_world_size
         self._capture = capture
         self._regrouped = True
         self._grad_var_avg = [0.0] * len(capture.groups)

@@ -188,7 +188,7 @@ def train(
             "gain", "tau", "var", "sqr", "N", "S", "dropped_windows", "updates",
             "grad", "grad_norm", "clip_total_norm", "clipped_grad_norm", "params",
             "oracle_gain", "oracle_var", "oracle_sqr", "oracle_gain_if_post_clip_norm",
-            "oracle_gain_if_a_doubled", "oracle_gain_if_h_not_rescaled",
+            "oracle_gain_if_a_doubled", "oracle_gain_if_h_not_rescaled", "grad_sqr_part",
         )
     }
     frozen_before = model.input_scale.detach().clone()
@@ -208,6 +208,9 @@ def train(
             total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip_max_norm)
             out["clip_total_norm"].append(float(total))
             out["clipped_grad_norm"].append(float(flat_grads(model).double().norm()))
+        # The part of the pre-clip ||G||^2 this rank measures (read after the clip, as step() does).
+        out["grad_sqr_part"].append(float(opt._capture.grad_sqr.sum()))
+        out["grad_sqr_is_part"] = [opt._capture.grad_sqr_is_part]
         opt.step()
         opt.zero_grad()
         stats = opt.stats()
@@ -319,6 +322,22 @@ def test_both_ddp_ranks_hold_identical_gain_tau_and_parameters(runs):
         for update in range(UPDATES):
             assert torch.equal(rank0[name]["params"][update], rank1[name]["params"][update]), (name, update)
             assert torch.equal(rank0[name]["grad"][update], rank1[name]["grad"][update]), (name, update)
+
+
+@pytest.mark.parametrize("name", list(DDP_CASES))
+def test_each_ddp_rank_measures_its_share_of_the_replicated_grad_sqr(runs, name):
+    # Each rank reads part of the replicated G (its share of the tensors); the parts add up to the
+    # pre-clip ||G||^2 and each is a real part, not all of it on one rank and nothing on the other.
+    rank0, rank1 = (runs["ranks"][rank][name] for rank in (0, 1))
+    assert rank0["grad_sqr_is_part"] == rank1["grad_sqr_is_part"] == [True]
+    assert runs["a_single_process"]["grad_sqr_is_part"] == [False]
+    for update in range(UPDATES):
+        full = rank0["grad_norm"][update] ** 2
+        parts = (rank0["grad_sqr_part"][update], rank1["grad_sqr_part"][update])
+        assert sum(parts) == pytest.approx(full, rel=1e-6), (update, parts, full)
+        assert all(0 < part < 0.99 * full for part in parts), (update, parts, full)
+    single = runs["a_single_process"]
+    assert single["grad_sqr_part"][0] == pytest.approx(single["grad_norm"][0] ** 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("other", ["b_ddp_no_sync", "b_ddp_no_sync_interleaved", "c_ddp_sync_every_step"])

@@ -1,0 +1,65 @@
+"""How ranks that hold the same replicated gradient (DDP) split the reading of ``||G||^2``."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from adascale_shard.capture import MicroGradCapture, replica_share
+
+
+def shapes_to_groups(shapes_per_group):
+    return [[torch.nn.Parameter(torch.zeros(shape)) for shape in shapes] for shapes in shapes_per_group]
+
+
+GPT2_LIKE = [[(1024, 128), (64, 128)] + [(128,), (128,), (128, 384), (384,), (128, 128), (128,), (128,), (128,), (128, 512), (512,), (512, 128), (128,)] * 4, [(128,), (128,)]]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 8])
+def test_the_shares_cover_every_trainable_tensor_once_in_its_group_and_balance_the_elements(ranks):
+    groups = shapes_to_groups(GPT2_LIKE)
+    groups[0][3].requires_grad_(False)  # frozen: nobody measures it
+    shares = [replica_share(groups, rank, ranks) for rank in range(ranks)]
+    for g, params in enumerate(groups):
+        measured = [id(p) for share in shares for p in share[g]]
+        assert sorted(measured) == sorted(id(p) for p in params if p.requires_grad), g
+    loads = [sum(p.numel() for group in share for p in group) for share in shares]
+    largest = max(p.numel() for params in groups for p in params)
+    # Greedy largest-first: no rank reads more than the mean plus one tensor.
+    assert max(loads) <= sum(loads) / ranks + largest
+    if ranks == 2:
+        assert max(loads) <= 0.55 * sum(loads)  # this model splits almost evenly
+
+
+def test_every_rank_computes_the_same_deal():
+    # Built twice (as two processes would), the shares match tensor for tensor by position.
+    first, second = shapes_to_groups(GPT2_LIKE), shapes_to_groups(GPT2_LIKE)
+    for rank in range(3):
+        positions = lambda groups: [[next(i for i, q in enumerate(groups[g]) if q is p) for p in share]
+                                    for g, share in enumerate(replica_share(groups, rank, 3))]
+        assert positions(first) == positions(second)
+
+
+def test_capture_measures_its_share_only_with_replicas_and_says_so():
+    groups = shapes_to_groups([[(6, 5), (5,), (4, 3)], [(7,)]])
+    torch.manual_seed(0)
+    for p in itertools.chain.from_iterable(groups):
+        p.grad = torch.randn_like(p)
+    full = torch.tensor([sum(float(p.grad.double().square().sum()) for p in params) for params in groups], dtype=torch.float64)
+    capture = MicroGradCapture(groups)
+    capture.snapshot_grad_sqr()
+    torch.testing.assert_close(capture.grad_sqr, full)
+    assert not capture.grad_sqr_is_part
+    parts = []
+    for rank in range(2):
+        capture.replicas = lambda rank=rank: (rank, 2)
+        capture.snapshot_grad_sqr()
+        assert capture.grad_sqr_is_part
+        parts.append(capture.grad_sqr)
+    torch.testing.assert_close(parts[0] + parts[1], full)
+    assert all(float(part.sum()) < 0.99 * float(full.sum()) for part in parts)
+    # An engine that supplies the global norm itself (ZeRO) is never summed over ranks.
+    capture.grad_sqr_fn = lambda: full
+    assert not capture.grad_sqr_is_part
