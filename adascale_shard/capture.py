@@ -154,7 +154,6 @@ class MicroGradCapture:
         self.loss_scale = 1.0
         self.replicas: Callable[[], tuple[int, int]] = _one_replica
         self._share: tuple[tuple, list[list[torch.Tensor]]] | None = None  # (its key, the share)
-        self._grad_sqr_is_share = False  # the last ||G||^2 measured covers this rank's share only
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._nodes: list[torch.autograd.graph.Node] = []
         self.device: torch.device | None = None
@@ -420,9 +419,8 @@ class MicroGradCapture:
     @property
     def grad_sqr_is_part(self) -> bool:
         """Whether :attr:`grad_sqr` is this rank's part of ``||G||^2``, to be summed over the ranks:
-        its shard (``sharded_grads``) or its share of replicated gradients. Read it after
-        :attr:`grad_sqr`."""
-        return self.grad_sqr_fn is None and (self.sharded_grads or self._grad_sqr_is_share)
+        its shard (``sharded_grads``) or its share of replicated gradients."""
+        return self.grad_sqr_fn is None and (self.sharded_grads or self.replicas()[1] > 1)
 
     def snapshot_grad_sqr(self) -> None:
         """Take ``||G||^2`` from the ``.grad`` of the groups now (no host synchronisation)."""
@@ -431,7 +429,6 @@ class MicroGradCapture:
 
     def _measure_grad_sqr(self) -> torch.Tensor:
         groups = self.groups
-        self._grad_sqr_is_share = False
         if not self.sharded_grads:
             rank, ranks = self.replicas()
             if ranks > 1:
@@ -439,7 +436,6 @@ class MicroGradCapture:
                 if self._share is None or self._share[0] != key:
                     self._share = (key, replica_share(groups, rank, ranks))
                 groups = self._share[1]
-                self._grad_sqr_is_share = True
         return grad_sqr_norms(groups, self.device)
 
     # ``||G||^2`` of replicated gradients is needed once per update, but which backward pass is

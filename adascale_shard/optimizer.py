@@ -100,7 +100,8 @@ class AdaScale(torch.optim.Optimizer):
       DDP) are measured at ``step()``, with a clip or unscale in between (one factor for every
       gradient) recovered from two probe gradients recorded when the last pass ended; FSDP2 shards
       are measured when the last pass ends. Clipping between backward and ``step()`` does not
-      change the statistics.
+      change the statistics. Each rank measures its part (its shard, or on DDP its share of the
+      tensors) and the parts are summed in the update's one all-reduce.
     * One micro-gradient per update (one rank, no accumulation) carries no variance information:
       with ``scale=None`` (``S = N = 1``) the gain is 1; an explicit ``scale > 1`` then raises.
 
@@ -435,15 +436,14 @@ class AdaScale(torch.optim.Optimizer):
         passes = capture.passes
         counts = torch.tensor([passes, passes * passes], dtype=torch.float64, device=capture.device)
         ranks = world_size(self.process_group)
-        local_grad_sqr = capture.grad_sqr
         if capture.grad_sqr_is_part:
-            # This rank measured its part of ||G||^2 (its shard, or its share of the tensors of a
+            # This rank measures its part of ||G||^2 (its shard, or its share of the tensors of a
             # replicated gradient: each rank reads 1/ranks of G): summed with the rest.
-            wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts, local_grad_sqr]), self.process_group)
-            values = wait().tolist()  # the one host synchronisation per update
+            reduced = torch.cat([capture.micro_sqr, counts, capture.grad_sqr])
+            values = start_all_reduce_sum(reduced, self.process_group)().tolist()  # the one host sync
         else:  # the engine's global norm (ZeRO), or one process: the same on every rank
             wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts]), self.process_group)
-            values = torch.cat([wait(), local_grad_sqr]).tolist()  # the one host synchronisation
+            values = torch.cat([wait(), capture.grad_sqr]).tolist()  # the one host synchronisation
         capture.reset()
         micro_sum = values[:num_groups]
         passes_sum, passes_sq_sum = values[num_groups : num_groups + 2]
