@@ -38,7 +38,10 @@ import adascale_shard
 from adascale_shard import AdaScale
 
 ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
-WORKLOADS = ("gpt2", "many_small")
+WORKLOADS = ("gpt2", "gpt2_batch32", "many_small")
+# Sequences of 64 tokens per micro-batch: gpt2_batch32 is the same model with 4x the tokens per
+# micro-batch (the compute grows with the tokens, AdaScale's reads of the gradients do not).
+SEQUENCES = {"gpt2": 8, "gpt2_batch32": 32}
 LR, MOMENTUM = 0.01, 0.9
 
 
@@ -74,7 +77,7 @@ class ManySmall(torch.nn.Module):
 
 def build_model(workload: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if workload == "gpt2":
+    if workload in SEQUENCES:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         config = GPT2Config(vocab_size=1024, n_positions=64, n_embd=128, n_layer=4, n_head=4)
@@ -85,8 +88,8 @@ def build_model(workload: str) -> torch.nn.Module:
 
 def micro_batch(workload: str, step: int, rank: int) -> dict:
     gen = torch.Generator().manual_seed(10_000 * rank + step)
-    if workload == "gpt2":
-        ids = torch.randint(1024, (8, 64), generator=gen)
+    if workload in SEQUENCES:
+        ids = torch.randint(1024, (SEQUENCES[workload], 64), generator=gen)
         return {"input_ids": ids, "labels": ids}
     return {"x": torch.randn(16, 32, generator=gen)}
 
@@ -154,7 +157,7 @@ def make_variant(engine: str, workload: str, kind: str, accumulation: int):
 
     stage = int(engine[-1])
     config = {
-        "train_micro_batch_size_per_gpu": 8 if workload == "gpt2" else 16,
+        "train_micro_batch_size_per_gpu": SEQUENCES.get(workload, 16),
         "gradient_accumulation_steps": accumulation,
         "zero_optimization": {"stage": stage},
         "gradient_clipping": 0.0,

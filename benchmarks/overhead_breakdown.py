@@ -6,10 +6,17 @@ with AdaScale's gradient hooks installed (``MicroGradCapture``, reset after each
 AdaScale ``step``); AdaScale on a one-rank process group of its own (``local``: everything but the
 all-reduce of the statistics; each rank's gain then comes from its own micro-gradients, which is
 fine for timing and nothing else); and AdaScale. ``hooks / base`` is the hooks' cost,
-``local / hooks`` the step's computation (``||G||^2``, the probes, the estimator), and
-``adascale / local`` the all-reduce of 3 float64.
+``local / hooks`` the step's computation (``||G||^2`` read in full, the probes, the estimator),
+and ``adascale / local`` the all-reduce of 4 float64, less the half of ``||G||^2`` that each of
+the 2 ranks no longer reads (each measures its share of the replicated gradient).
+
+Two more variants on request (``--extra``): ``sync``, the plain optimizer plus one all-reduce of 4
+float64 after each step (what any added synchronisation point costs here, AdaScale or not), and
+``replicated``, AdaScale with every rank reading all of ``||G||^2`` while the all-reduce is in
+flight (the behaviour before the shares), paired against ``adascale``.
 
     .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead_breakdown.py --workload gpt2 --pairs 300
+    .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead_breakdown.py --workload gpt2 --pairs 300 --extra sync replicated
 
 Without torchrun (``--single``) it times the plain optimizer, AdaScale and fairscale's AdaScale in
 one process instead (``S = 2`` micro-batches per update), where the per-hook cost is not blurred by
@@ -29,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import LR, MOMENTUM, build_model, loss_of, micro_batch, ratio_ci  # noqa: E402
+from overhead import LR, MOMENTUM, WORKLOADS, build_model, loss_of, micro_batch, ratio_ci  # noqa: E402
 
 from adascale_shard import AdaScale  # noqa: E402
 from adascale_shard.capture import MicroGradCapture  # noqa: E402
@@ -42,6 +49,9 @@ def make_update(workload: str, kind: str, ranks: bool, own_group=None):  # noqa:
     opt, capture = base, None
     if kind == "adascale":
         opt = AdaScale(base, scale=None if ranks else 2)
+    elif kind == "replicated":
+        opt = AdaScale(base, scale=None)
+        opt._capture.replicas = lambda: (0, 1)  # every rank reads all of G, as if it were alone
     elif kind == "local":
         opt = AdaScale(base, scale=2, process_group=own_group)
     elif kind == "fairscale":
@@ -60,21 +70,24 @@ def make_update(workload: str, kind: str, ranks: bool, own_group=None):  # noqa:
         opt.zero_grad()
         if capture is not None:
             capture.reset()
+        if kind == "sync":
+            dist.all_reduce(torch.zeros(4, dtype=torch.float64))
 
     return update
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=("gpt2", "many_small"), default="gpt2")
+    p.add_argument("--workload", choices=WORKLOADS, default="gpt2")
     p.add_argument("--pairs", type=int, default=300)
     p.add_argument("--single", action="store_true", help="one process: base, AdaScale, fairscale")
+    p.add_argument("--extra", nargs="*", choices=("sync", "replicated"), default=[], help="more DDP variants")
     args = p.parse_args()
     torch.set_num_threads(1)
     ranks = not args.single
     if ranks:
         dist.init_process_group("gloo")
-    kinds = ["base", "hooks", "local", "adascale"] if ranks else ["base", "adascale", "fairscale"]
+    kinds = ["base", "hooks", "local", "adascale", *args.extra] if ranks else ["base", "adascale", "fairscale"]
     own_group = None
     if ranks:  # every rank takes part in creating every group
         singletons = [dist.new_group([r], backend="gloo") for r in range(dist.get_world_size())]
@@ -105,7 +118,10 @@ def main() -> None:
             mean, lo, hi = ratio_ci(values)
             print(f"{args.workload} {where} {kind} / base: {mean:.4f} [{lo:.4f}, {hi:.4f}] ({len(values)} pairs)")
         if ranks:  # the parts, each paired within a round
-            for upper, lower in (("local", "hooks"), ("adascale", "local")):
+            pairs = [("local", "hooks"), ("adascale", "local")]
+            if "replicated" in kinds:
+                pairs.append(("adascale", "replicated"))
+            for upper, lower in pairs:
                 part = [u / l for u, l in zip(ratios[upper], ratios[lower])]
                 mean, lo, hi = ratio_ci(part)
                 print(f"{args.workload} {where} {upper} / {lower}: {mean:.4f} [{lo:.4f}, {hi:.4f}]")

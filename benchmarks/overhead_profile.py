@@ -94,11 +94,14 @@ def main() -> None:
     unlisted = set(SECONDS) - set(ORDER)
     if unlisted:  # a label of instrument() missing from ORDER would not be printed
         raise RuntimeError(f"timed parts missing from ORDER: {sorted(unlisted)}")
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, dict(SECONDS))  # the ranks wait for each other differently
     if dist.get_rank() == 0:
         print(f"{args.workload} DDP x {dist.get_world_size()}: {1e3 * total / args.updates:.1f} ms per update "
-              f"(rank 0, {args.updates} updates); AdaScale's parts, microseconds per update:")
+              f"({args.updates} updates); AdaScale's parts, microseconds per update, per rank:")
+        print(f"  {'':36s} " + " ".join(f"{f'rank {r}':>8s}" for r in range(len(every_rank))))
         for name in ORDER:
-            print(f"  {name:36s} {1e6 * SECONDS.get(name, 0.0) / args.updates:8.0f}")
+            print(f"  {name:36s} " + " ".join(f"{1e6 * seconds.get(name, 0.0) / args.updates:8.0f}" for seconds in every_rank))
     dist.destroy_process_group()
 
 
