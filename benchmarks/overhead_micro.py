@@ -8,11 +8,13 @@ each candidate kernel; what the autograd engine spends calling a no-op Python pr
 gradient accumulator (a backward over 512 one-element parameters with and without such hooks,
 interleaved); and the Python of AdaScale's hook around its norm kernel (the hook called directly
 against the bare kernel). Under torchrun, rank 0 also prints the latency distribution of an
-all-reduce of 6 float64, the size of AdaScale's statistics, between the ranks.
+all-reduce of 6 float64, the size of AdaScale's statistics, between the ranks, and how waiting for
+it compares with polling it (with a little work before each call, as in an update).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -108,9 +110,38 @@ def all_reduce_latency(calls: int = 2000) -> None:
               f"mean {1e6 * statistics.mean(times):.0f}")
 
 
+def wait_or_poll(rounds: int = 600) -> None:
+    values = torch.zeros(6, dtype=torch.float64)
+    work_before = torch.randn(256, 256)
+
+    def one(mode: str) -> float:
+        for _ in range(3):
+            work_before @ work_before
+        start = time.perf_counter()
+        work = dist.all_reduce(values, async_op=True)
+        if mode == "sched_yield polling":
+            while not work.is_completed():
+                os.sched_yield()
+        elif mode == "spinning":
+            while not work.is_completed():
+                pass
+        work.wait()
+        return time.perf_counter() - start
+
+    modes = ("blocking wait", "sched_yield polling", "spinning")
+    times = {mode: [] for mode in modes}
+    for r in range(rounds):  # interleaved, in alternating order
+        for mode in modes if r % 2 else modes[::-1]:
+            times[mode] += [one(mode) for _ in range(3)]
+    if dist.get_rank() == 0:
+        for mode in modes:
+            print(f"all_reduce of 6 float64 after some work, {mode}: median {1e6 * statistics.median(times[mode]):.0f} us, "
+                  f"mean {1e6 * statistics.mean(times[mode]):.0f} us ({len(times[mode])} calls, interleaved)")
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    launched = "RANK" in __import__("os").environ
+    launched = "RANK" in os.environ
     if launched:
         dist.init_process_group("gloo")
     if not launched or dist.get_rank() == 0:
@@ -120,6 +151,7 @@ def main() -> None:
     if launched:
         dist.barrier()
         all_reduce_latency()
+        wait_or_poll()
         dist.destroy_process_group()
 
 
