@@ -81,7 +81,8 @@ def replica_share(groups: Sequence[Sequence[torch.Tensor]], rank: int, ranks: in
     rank computes the same deal from the same shapes; the shares' squares add up to ``||G||^2``."""
     share: list[list[torch.Tensor]] = [[] for _ in groups]
     loads = [0] * ranks
-    tensors = [(p.numel(), g, i) for g, params in enumerate(groups) for i, p in enumerate(params) if p.requires_grad]
+    # Frozen tensors are dealt too (their .grad is None until they are unfrozen): as before the deal.
+    tensors = [(p.numel(), g, i) for g, params in enumerate(groups) for i, p in enumerate(params)]
     for numel, g, i in sorted(tensors, key=lambda t: (-t[0], t[1], t[2])):
         owner = min(range(ranks), key=loads.__getitem__)  # the first rank among equals: deterministic
         loads[owner] += numel
