@@ -22,9 +22,8 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
 
 def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     """This process's rank in the group and the group's size; ``(0, 1)`` outside ``torch.distributed``."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    ranks = world_size(group)
+    return (dist.get_rank(group) if ranks > 1 else 0), ranks
 
 
 def start_all_reduce_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> Callable[[], torch.Tensor]:
