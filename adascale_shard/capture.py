@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.autograd import Variable
 
-__all__ = ["MicroGradCapture", "grad_sqr_norms", "replica_share"]
+__all__ = ["MicroGradCapture", "grad_sqr_norms", "local_shard", "replica_share"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,13 @@ def _slot_dtype(dtype: torch.dtype) -> torch.dtype:
 _MAX_SLOTS_PER_CHUNK = 256  # norm slots allocated together when their number is not known ahead
 
 
-def _local(grad: torch.Tensor) -> torch.Tensor:
+def local_shard(grad: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor gradient (FSDP2), or the tensor itself."""
+    # DTensor.to_local() is an autograd Function (12 us a call here, 0.6 ms per update on a
+    # 52-tensor GPT-2); the shard it returns is the DTensor's _local_tensor, read directly.
+    local = getattr(grad, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        return local
     return grad.to_local() if hasattr(grad, "to_local") else grad
 
 
@@ -58,7 +64,7 @@ def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.devic
     for params in groups:
         # A DTensor (FSDP2) contributes its local shard; the shards are summed over ranks.
         grads = [p.grad for p in params]
-        grads = [g if type(g) is torch.Tensor else _local(g) for g in grads if g is not None]
+        grads = [g if type(g) is torch.Tensor else local_shard(g) for g in grads if g is not None]
         dtypes = {g.dtype for g in grads}
         norms = []
         for dtype in dtypes:

@@ -313,8 +313,10 @@ def check_hooks_fired(optimizer: AdaScale) -> None:
     ``step()`` with all-zero gradients (torch's distributed checkpoint builds optimizer state that
     way) is fine; real gradients with no recorded pass mean the hooks never fired.
     """
+    from .capture import local_shard
+
     grads = [
-        p.grad.to_local()
+        local_shard(p.grad)
         for group in optimizer.param_groups
         for p in group["params"]
         if is_dtensor(p) and p.grad is not None

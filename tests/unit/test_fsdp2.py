@@ -81,3 +81,32 @@ def test_stateful_needs_adascale():
     model = torch.nn.Linear(3, 1)
     with pytest.raises(TypeError, match="needs an AdaScale optimizer"):
         AdaScaleStateful(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_local_shard_of_a_dtensor_is_its_local_tensor_without_to_local(tmp_path):
+    """``||G||^2`` on FSDP2 reads each DTensor gradient's local shard; ``to_local()`` (an autograd
+    Function, 12 us a call) must not be on that path. A 1-rank gloo group in a subprocess, so this
+    process stays without a process group."""
+    code = f"""
+import torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
+from adascale_shard.capture import grad_sqr_norms, local_shard
+dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+full = torch.arange(12.0).reshape(4, 3)
+d = distribute_tensor(full, mesh, [Shard(0)])
+calls = []
+original = DTensor.to_local
+DTensor.to_local = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+shard = local_shard(d)
+assert type(shard) is torch.Tensor and shard.data_ptr() == original(d).data_ptr(), shard
+p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+p.grad = d
+got = grad_sqr_norms([[p]], torch.device("cpu"))
+assert abs(float(got[0]) - float((full.double() ** 2).sum())) < 1e-4, got
+assert calls == [], calls
+dist.destroy_process_group()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
