@@ -7,7 +7,8 @@ One process: the squared norm of a 64 K-element float32 gradient (GPT-2's MLP we
 each candidate kernel; what the autograd engine spends calling a no-op Python pre-hook on a
 gradient accumulator (a backward over 512 one-element parameters with and without such hooks,
 interleaved); and the Python of AdaScale's hook around its norm kernel (the hook called directly
-against the bare kernel). Under torchrun, rank 0 also prints the latency distribution of an
+against the bare kernel); and reading the local shards of 52 DTensor gradients (FSDP2's
+``||G||^2``) through ``to_local()`` against ``_local_tensor``. Under torchrun, rank 0 also prints the latency distribution of an
 all-reduce of 6 float64, the size of AdaScale's statistics, between the ranks, and how waiting for
 it compares with polling it (with a little work before each call, as in an update).
 """
@@ -139,6 +140,34 @@ def wait_or_poll(rounds: int = 600) -> None:
                   f"mean {1e6 * statistics.mean(times[mode]):.0f} us ({len(times[mode])} calls, interleaved)")
 
 
+def dtensor_shard_access(num_params: int = 52) -> None:
+    """FSDP2's ``||G||^2`` reads the local shard of each DTensor gradient: ``to_local()`` is an
+    autograd Function; the shard is also the DTensor's ``_local_tensor`` (what AdaScale reads)."""
+    from tempfile import TemporaryDirectory
+
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from adascale_shard.capture import grad_sqr_norms
+
+    with TemporaryDirectory() as tmp:
+        own = not dist.is_initialized()
+        if own:  # a one-rank group of its own: DTensors need a device mesh
+            dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("shard",))
+        params = []
+        for _ in range(num_params):
+            p = torch.nn.Parameter(distribute_tensor(torch.randn(64, 64), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(torch.randn(64, 64), mesh, [Shard(0)])
+            params.append(p)
+        grads = [p.grad for p in params]
+        print(f"{num_params} DTensor gradients (64x64): shard access, microseconds for all of them")
+        print(f"  to_local()                 {median_us(lambda: [g.to_local() for g in grads], 300):8.1f}")
+        print(f"  _local_tensor              {median_us(lambda: [g._local_tensor for g in grads], 300):8.1f}")
+        print(f"  grad_sqr_norms (AdaScale)  {median_us(lambda: grad_sqr_norms([params], torch.device('cpu')), 300):8.1f}")
+        if own:
+            dist.destroy_process_group()
+
+
 def main() -> None:
     torch.set_num_threads(1)
     launched = "RANK" in os.environ
@@ -148,6 +177,8 @@ def main() -> None:
         norm_kernels()
         hook_dispatch()
         hook_python()
+    if not launched:
+        dtensor_shard_access()
     if launched:
         dist.barrier()
         all_reduce_latency()
