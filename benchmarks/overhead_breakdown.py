@@ -13,7 +13,10 @@ the 2 ranks no longer reads (each measures its share of the replicated gradient)
 Two more variants on request (``--extra``): ``sync``, the plain optimizer plus one all-reduce of 4
 float64 after each step (what any added synchronisation point costs here, AdaScale or not), and
 ``replicated``, AdaScale with every rank reading all of ``||G||^2`` while the all-reduce is in
-flight (the behaviour before the shares), paired against ``adascale``.
+flight (the behaviour before the shares), paired against ``adascale``; ``noop-hooks`` and
+``norm-hooks``, the plain optimizer with a Python pre-hook on every gradient accumulator that does
+nothing, or runs only the norm kernel AdaScale's hook runs: what the hooks' Python and their
+kernels cost in context, against ``hooks`` (the whole capture).
 
     .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead_breakdown.py --workload gpt2 --pairs 300
     .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead_breakdown.py --workload gpt2 --pairs 300 --extra sync replicated
@@ -60,6 +63,22 @@ def make_update(workload: str, kind: str, ranks: bool, own_group=None):  # noqa:
         opt = FairscaleAdaScale(base, world_size=1, num_gradients_to_accumulate=2)
     elif kind == "hooks":
         capture = MicroGradCapture([list(model.parameters())])
+    elif kind in ("noop-hooks", "norm-hooks"):
+        # What a Python pre-hook per tensor costs in context, empty or running only the norm kernel
+        # AdaScale's hook runs (into a slot of one preallocated tensor), without any bookkeeping.
+        slots = torch.zeros(len(list(model.parameters())))
+        model.hooked_nodes = []  # keeps the hooked nodes alive, as the capture does
+
+        def norm_into(slot: torch.Tensor):  # noqa: ANN202
+            def hook(grads):  # noqa: ANN001, ANN202
+                torch.linalg.vector_norm(grads[0], out=slot)
+
+            return hook
+
+        for slot, param in zip(slots, model.parameters()):
+            node = torch.autograd.graph.get_gradient_edge(param).node
+            node.register_prehook((lambda grads: None) if kind == "noop-hooks" else norm_into(slot))
+            model.hooked_nodes.append(node)
     rank = dist.get_rank() if ranks else 0
 
     def update(step: int) -> None:
@@ -81,7 +100,7 @@ def main() -> None:
     p.add_argument("--workload", choices=WORKLOADS, default="gpt2")
     p.add_argument("--pairs", type=int, default=300)
     p.add_argument("--single", action="store_true", help="one process: base, AdaScale, fairscale")
-    p.add_argument("--extra", nargs="*", choices=("sync", "replicated"), default=[], help="more DDP variants")
+    p.add_argument("--extra", nargs="*", choices=("sync", "replicated", "noop-hooks", "norm-hooks"), default=[], help="more DDP variants")
     args = p.parse_args()
     torch.set_num_threads(1)
     ranks = not args.single
