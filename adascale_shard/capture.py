@@ -439,7 +439,8 @@ class MicroGradCapture:
         if not self.sharded_grads:
             rank, ranks = self.replicas()
             if ranks > 1:
-                key = (rank, ranks, tuple(len(params) for params in groups))
+                # A group list replaced or grown (add_group, merge_groups) is dealt anew.
+                key = (rank, ranks, tuple((id(params), len(params)) for params in groups))
                 if self._share is None or self._share[0] != key:
                     self._share = (key, replica_share(groups, rank, ranks))
                 groups = self._share[1]

@@ -63,3 +63,19 @@ def test_capture_measures_its_share_only_with_replicas_and_says_so():
     # An engine that supplies the global norm itself (ZeRO) is never summed over ranks.
     capture.grad_sqr_fn = lambda: full
     assert not capture.grad_sqr_is_part
+
+
+def test_a_replaced_group_of_the_same_size_is_dealt_anew():
+    old = shapes_to_groups([[(6, 5), (5,), (4, 3)]])
+    new = shapes_to_groups([[(6, 5), (5,), (4, 3)]])
+    for p in old[0] + new[0]:
+        p.grad = torch.ones_like(p)
+    for p in new[0]:
+        p.grad.mul_(2.0)  # new squares are 4x the old ones
+    capture = MicroGradCapture(old)
+    capture.replicas = lambda: (0, 2)
+    capture.snapshot_grad_sqr()
+    before = float(capture.grad_sqr.sum())
+    capture.groups[0] = list(new[0])  # as an engine swapping the parameters would
+    capture.snapshot_grad_sqr()
+    assert float(capture.grad_sqr.sum()) == pytest.approx(4 * before)
