@@ -10,13 +10,16 @@ fine for timing and nothing else); and AdaScale. ``hooks / base`` is the hooks' 
 and ``adascale / local`` the all-reduce of 4 float64, less the half of ``||G||^2`` that each of
 the 2 ranks no longer reads (each measures its share of the replicated gradient).
 
-Two more variants on request (``--extra``): ``sync``, the plain optimizer plus one all-reduce of 4
-float64 after each step (what any added synchronisation point costs here, AdaScale or not), and
-``replicated``, AdaScale with every rank reading all of ``||G||^2`` while the all-reduce is in
-flight (the behaviour before the shares), paired against ``adascale``; ``noop-hooks`` and
-``norm-hooks``, the plain optimizer with a Python pre-hook on every gradient accumulator that does
-nothing, or runs only the norm kernel AdaScale's hook runs: what the hooks' Python and their
-kernels cost in context, against ``hooks`` (the whole capture).
+More variants on request (``--extra``):
+
+* ``sync``: the plain optimizer plus one all-reduce of 4 float64 after each step (what any added
+  synchronisation point costs here, AdaScale or not);
+* ``replicated``: AdaScale with every rank reading all of ``||G||^2`` while the all-reduce is in
+  flight (the behaviour before the shares), also printed paired against ``adascale``;
+* ``noop-hooks`` and ``norm-hooks``: the plain optimizer with a Python pre-hook on every gradient
+  accumulator that does nothing, or runs only the norm kernel AdaScale's hook runs. Their ratios
+  to ``base``, read beside ``hooks / base`` (the whole capture), split the hooks' cost into the
+  Python call, the norm kernels and the capture's bookkeeping.
 
     .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead_breakdown.py --workload gpt2 --pairs 300
     .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead_breakdown.py --workload gpt2 --pairs 300 --extra sync replicated
