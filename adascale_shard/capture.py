@@ -1,12 +1,15 @@
 """Capture of local micro-gradient statistics with gradient-accumulator hooks.
 
-A pre-hook on a parameter's gradient accumulator (the autograd node that adds into ``.grad``)
-sees the gradient that one backward pass contributes to it, before it is accumulated and before
-DDP or DeepSpeed reduce it across ranks (their hooks run after the accumulation).
+A tensor hook on a parameter (``Tensor.register_hook``) sees the gradient that one backward pass
+contributes to it, before it is accumulated into ``.grad`` and before DDP or DeepSpeed reduce it
+across ranks (their hooks run after the accumulation). The hook lives on the parameter itself, so
+it survives what replaces the parameter's gradient-accumulator node: ``p.data = p.data.to(dtype)``
+(``deepspeed.initialize`` under bf16/fp16) and ``module.to(device)`` (Accelerate's ``prepare``).
 :class:`MicroGradCapture` writes the norm of that gradient into a preallocated slot on the
-gradient's device, and a closing pass adds the slots' squares to per-slot float64 sums (summed per
-parameter group once per update): no ``.item()``, no host synchronisation and no gradient-sized
-buffer inside backward.
+gradient's device and dtype (a slot that no longer matches after a cast or a move is replaced at
+the hook's next call), and a closing pass adds the slots' squares to per-slot float64 sums (summed
+per parameter group once per update): no ``.item()``, no host synchronisation and no
+gradient-sized buffer inside backward.
 
 Backward passes are counted by the capture itself (a pass opens at its first hook and closes in
 a callback queued on the autograd engine), so frozen or unused parameters do not change the
@@ -101,21 +104,37 @@ def _one_replica() -> tuple[int, int]:
     return 0, 1
 
 
-def _gradient_accumulator(param: torch.Tensor) -> torch.autograd.graph.Node:
-    """The autograd node that accumulates into ``param.grad``.
+def _accumulates_into_grad() -> bool:
+    """Whether the backward pass running this hook will add into ``.grad``: ``backward()`` does,
+    ``torch.autograd.grad()`` (gradient penalties, norm probes) does not and is no micro-batch."""
+    node = torch._C._current_autograd_node()
+    if node is None:
+        return True
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # torch refuses the question for a leaf's node inside autograd.grad()
+        return False
 
-    The node records the parameter's shape when it is created. A ZeRO-3 parameter partitioned at
-    construction (``deepspeed.zero.Init``, as the HF Trainer builds models) has shape ``[0]`` until
-    gathered, so it is gathered for the moment the node is made, as DeepSpeed does for its own hooks
-    (a collective: every rank hooks the same parameters in the same order).
-    """
-    ds_numel = getattr(param, "ds_numel", None)
-    if ds_numel is not None and param.numel() != ds_numel:
-        import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            return torch.autograd.graph.get_gradient_edge(param).node
-    return torch.autograd.graph.get_gradient_edge(param).node
+class _Chunk:
+    """Norm slots allocated together (one tensor, one kernel per pass for all of them)."""
+
+    __slots__ = ("norms", "sqr", "groups", "index", "live")
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.norms = torch.zeros(size, dtype=dtype, device=device)  # per slot: this pass's norm
+        self.sqr = torch.zeros(size, dtype=torch.float64, device=device)  # per slot: window sum
+        self.groups: list[int] = []  # the hook group of each used slot
+        self.index: torch.Tensor | None = None  # the slots' statistics groups, cached
+        self.live = 0  # hooks still writing into this chunk (a cast or move rebinds them)
+
+    @property
+    def key(self) -> tuple[torch.device, torch.dtype]:
+        return self.norms.device, self.norms.dtype
+
+    @property
+    def full(self) -> bool:
+        return len(self.groups) == len(self.norms)
 
 
 class MicroGradCapture:
@@ -125,6 +144,9 @@ class MicroGradCapture:
     when an update consumes it). If the gradients were reset between two passes without an update
     (``zero_grad`` after a skipped step), the stale window is dropped when the next pass opens,
     so the statistics always describe the gradients that ``.grad`` holds.
+
+    The statistics live on the gradients' device: :attr:`device` follows the gradients when the
+    model is moved after the capture was built.
 
     Args:
         groups: the parameters of each optimizer parameter group; those that require gradients
@@ -162,18 +184,14 @@ class MicroGradCapture:
         self.replicas: Callable[[], tuple[int, int]] = _one_replica
         self._share: tuple[tuple, list[list[torch.Tensor]]] | None = None  # (its key, the share)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._nodes: list[torch.autograd.graph.Node] = []
         self.device: torch.device | None = None
         self._micro_sqr: torch.Tensor | None = None
         # Every hook writes its micro-gradient's norm into its own preallocated slot of a chunk
-        # (no tensor made and kept per hook: holding ~100 small results per pass cost 1.7% of a
-        # DDP update here); a closing pass adds the squares of a chunk's slots to the chunk's
-        # float64 accumulator (one kernel per chunk), which are summed per group once per update.
-        self._chunks: list[torch.Tensor] = []
-        self._chunk_sqr: list[torch.Tensor] = []  # per slot: sum of squared norms in the window
-        self._chunk_groups: list[list[int]] = []  # the hook group of each used slot of a chunk
-        self._chunk_index: list[torch.Tensor | None] = []  # the slots' statistics groups, cached
-        self._open_chunk: dict[tuple[torch.device, torch.dtype], int] = {}
+        # (no tensor made and kept per hook: see benchmarks/results/ for what that costs); a
+        # closing pass adds the squares of a chunk's slots to the chunk's float64 sums (one kernel
+        # per chunk), which are summed per group once per update.
+        self._chunks: list[_Chunk] = []
+        self._open_chunk: dict[tuple[torch.device, torch.dtype], _Chunk] = {}
         self._slots_ahead: dict[tuple[torch.device, torch.dtype], int] = {}  # hooks still to come
         self._micro_sqr_stale = False
         self._group_of: list[int] = []  # a hook's group -> its statistics group (merge_groups)
@@ -182,6 +200,8 @@ class MicroGradCapture:
         self.dropped_windows = 0
         self._pass_open = False
         self._pass_task_id = -1
+        self._inner_task_id = -1  # a reentrant backward inside the open pass
+        self._skip_task_id = -1  # a torch.autograd.grad() call: not a micro-batch
         self._fired: set[int] = set()
         self._last_owner: weakref.ref | None = None  # whose .grad the last hook fed
         self._sentinel: tuple[weakref.ref, weakref.ref, int] | None = None
@@ -227,29 +247,52 @@ class MicroGradCapture:
         self._micro_sqr = self._grow(None)
         self._micro_sqr_stale = True
         self._grad_sqr = self._grow(None)
-        self._chunk_index = [None] * len(self._chunks)
+        for chunk in self._chunks:
+            chunk.index = None
 
-    def _new_slot(self, group_index: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """A 0-dim view of a chunk, for one hook's norm (chunks never move, so views stay valid)."""
+    def _new_slot(self, group_index: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, _Chunk]:
+        """A 0-dim view of a chunk for one hook's norm, and its chunk (chunks never move)."""
         key = (device, dtype)
         ahead = self._slots_ahead.get(key, 0)
         if ahead:
             self._slots_ahead[key] = ahead - 1
-        chunk_id = self._open_chunk.get(key)
-        if chunk_id is None or len(self._chunk_groups[chunk_id]) == len(self._chunks[chunk_id]):
+        chunk = self._open_chunk.get(key)
+        if chunk is None or chunk.full:
             # As many slots as hooks are announced; else 16, 32, ... 256: a few chunks for any model.
-            grown = min(_MAX_SLOTS_PER_CHUNK, 16 * 2 ** sum(c.dtype == dtype and c.device == device for c in self._chunks))
-            size = max(ahead, grown)
-            chunk_id = len(self._chunks)
-            self._chunks.append(torch.zeros(size, dtype=dtype, device=device))
-            self._chunk_sqr.append(torch.zeros(size, dtype=torch.float64, device=device))
-            self._chunk_groups.append([])
-            self._chunk_index.append(None)
-            self._open_chunk[key] = chunk_id
-        slot = self._chunks[chunk_id][len(self._chunk_groups[chunk_id])]
-        self._chunk_groups[chunk_id].append(group_index)
-        self._chunk_index[chunk_id] = None
-        return slot
+            grown = min(_MAX_SLOTS_PER_CHUNK, 16 * 2 ** sum(c.key == key for c in self._chunks))
+            chunk = _Chunk(max(ahead, grown), dtype, device)
+            self._chunks.append(chunk)
+            self._open_chunk[key] = chunk
+        slot = chunk.norms[len(chunk.groups)]
+        chunk.groups.append(group_index)
+        chunk.index = None
+        chunk.live += 1
+        return slot, chunk
+
+    def _rebind(
+        self, group_index: int, slot: torch.Tensor, old: _Chunk, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, _Chunk, torch.dtype | None]:
+        """A new slot for a hook whose gradient changed dtype or device (the model was cast or
+        moved after the capture was built); the statistics follow the gradients' device."""
+        key = (grad.device, _slot_dtype(grad.dtype))
+        norm_dtype = None if key[1] == grad.dtype else key[1]
+        if key == old.key:  # bf16 <-> fp32: the same float32 slot, only the norm's dtype changes
+            return slot, old, norm_dtype
+        if not self._slots_ahead.get(key):  # the first of a cast: the old chunk's hooks follow
+            self._slots_ahead[key] = sum(c.live for c in self._chunks if c.key == old.key)
+        old.live -= 1
+        slot, chunk = self._new_slot(group_index, *key)
+        if grad.device != self.device:
+            self._move_statistics(grad.device)
+        return slot, chunk, norm_dtype
+
+    def _move_statistics(self, device: torch.device) -> None:
+        self.device = device
+        self._micro_sqr = self._micro_sqr.to(device)
+        self._grad_sqr = self._grad_sqr.to(device)
+        self._share = None
+        for chunk in self._chunks:
+            chunk.index = None
 
     def _grow(self, acc: torch.Tensor | None) -> torch.Tensor:
         new = torch.zeros(len(self.groups), dtype=torch.float64, device=self.device)
@@ -267,55 +310,55 @@ class MicroGradCapture:
         reduce-scatter, and names the sharded parameter here. Its ``.grad`` is what tells a
         ``zero_grad`` between two passes.
         """
-        if param.is_leaf:
-            # A pre-hook on the parameter's gradient accumulator runs only when backward is about
-            # to add into .grad: torch.autograd.grad() (gradient penalties, norm probes) computes
-            # the same gradients without accumulating them and must not count as a micro-batch.
-            # The node is kept alive here so autograd keeps using this one for the parameter.
-            node = _gradient_accumulator(param)
-            handle = node.register_prehook(self._make_hook(group_index, param, owner, leaf=True))
-            self._nodes.append(node)
-        else:
-            handle = param.register_hook(self._make_hook(group_index, param, owner, leaf=False))
+        # A tensor hook, not a pre-hook on the gradient-accumulator node: the node is replaced
+        # when the parameter is cast or moved (p.data = ...), the tensor's hooks stay.
+        handle = param.register_hook(self._make_hook(group_index, param, owner))
         self._handles.append(handle)
         return handle
 
-    def _make_hook(self, group_index: int, param: torch.Tensor, owner: torch.Tensor | None, *, leaf: bool):
+    def _make_hook(self, group_index: int, param: torch.Tensor, owner: torch.Tensor | None):
         # The hook runs once per parameter per micro-batch, so it is one Python frame with its
         # constants bound here: on models with many small tensors its cost is the overhead.
         key = id(param)
         owner_ref = weakref.ref(param if owner is None else owner)
-        slot_dtype = _slot_dtype(param.dtype)
-        norm_dtype = None if slot_dtype == param.dtype else slot_dtype  # None: the norm's own dtype
-        slot = self._new_slot(group_index, param.device, slot_dtype)
+        grad_dtype = param.dtype  # what the slot was made for
+        slot_dtype = _slot_dtype(grad_dtype)
+        norm_dtype = None if slot_dtype == grad_dtype else slot_dtype  # None: the norm's own dtype
+        slot, chunk = self._new_slot(group_index, param.device, slot_dtype)
         capture = self
         vector_norm = torch.linalg.vector_norm
         hypot = torch.hypot
         graph_task_id = torch._C._current_graph_task_id
 
-        def hook(grads):
-            grad = grads[0] if leaf else grads
+        def hook(grad):
+            nonlocal slot, chunk, norm_dtype, grad_dtype
             if grad is None:
                 return
             task_id = graph_task_id()
-            if not capture._pass_open:
-                capture._open_pass(task_id)
-            elif task_id != capture._pass_task_id:
-                capture._note_reentrant()
+            if task_id != capture._pass_task_id and not capture._enter_task(task_id):
+                return
             fired = capture._fired
             capture._last_owner = owner_ref
-            if key in fired:
-                # Second partial gradient of one parameter in one pass: ||a||^2 + ||b||^2 != ||a+b||^2.
-                capture._warn_split_gradient()
-                hypot(slot, vector_norm(grad, dtype=norm_dtype), out=slot)  # slot^2 += ||b||^2
-                return
-            fired.add(key)
-            # One fused norm kernel, written in place.
-            if norm_dtype is None:
-                vector_norm(grad, out=slot)
-            else:
+            try:
+                if key in fired:
+                    # Second partial gradient of one parameter in one pass: ||a||^2 + ||b||^2 != ||a+b||^2.
+                    capture._warn_split_gradient()
+                    hypot(slot, vector_norm(grad, dtype=norm_dtype), out=slot)  # slot^2 += ||b||^2
+                    return
+                # One fused norm kernel, written in place (out= refuses another dtype or device).
+                if norm_dtype is None:
+                    vector_norm(grad, out=slot)
+                else:
+                    vector_norm(grad, dtype=norm_dtype, out=slot)
+            except RuntimeError:
+                if grad.dtype == grad_dtype and grad.device == slot.device:
+                    raise
+                slot, chunk, norm_dtype = capture._rebind(group_index, slot, chunk, grad)
+                grad_dtype = grad.dtype
                 vector_norm(grad, dtype=norm_dtype, out=slot)
+            fired.add(key)
 
+        hook.__torch_unserializable__ = True  # pickling the model drops it without a warning
         return hook
 
     def detach(self) -> None:
@@ -323,11 +366,25 @@ class MicroGradCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._nodes.clear()
 
     @property
     def num_hooks(self) -> int:
         return len(self._handles)
+
+    def _enter_task(self, task_id: int) -> bool:
+        """For a hook whose backward pass is not the open one: open a pass (or join it as a
+        reentrant inner pass) if that backward accumulates into ``.grad``; else ignore it."""
+        if task_id == self._inner_task_id:
+            return True
+        if task_id == self._skip_task_id or not _accumulates_into_grad():
+            self._skip_task_id = task_id
+            return False
+        if not self._pass_open:
+            self._open_pass(task_id)
+        else:
+            self._inner_task_id = task_id
+            self._note_reentrant()
+        return True
 
     def _note_reentrant(self) -> None:
         if self._warned_reentrant:
@@ -364,7 +421,7 @@ class MicroGradCapture:
         self._pass_open = True
         self._pass_task_id = task_id
         for chunk in self._chunks:  # a hook that does not fire in this pass contributes 0
-            chunk.zero_()
+            chunk.norms.zero_()
         # Queued on this backward's graph task; it queues the closing step again so that it runs
         # after the callbacks engines queue later in the same backward (DDP's reduction).
         Variable._execution_engine.queue_callback(self._queue_close_pass)
@@ -375,9 +432,11 @@ class MicroGradCapture:
     def _close_pass(self) -> None:
         self.passes += 1
         self._pass_open = False
+        self._pass_task_id = -1
+        self._inner_task_id = -1
         self._fired.clear()
-        for chunk, chunk_sqr in zip(self._chunks, self._chunk_sqr):
-            chunk_sqr.addcmul_(chunk, chunk)
+        for chunk in self._chunks:
+            chunk.sqr.addcmul_(chunk.norms, chunk.norms)
         self._micro_sqr_stale = True
         if self.snapshot_on_close:
             if self.sharded_grads or any(hasattr(p.grad, "to_local") for p in self._probe_params):
@@ -405,23 +464,71 @@ class MicroGradCapture:
         if self._micro_sqr_stale:
             self._micro_sqr_stale = False
             self._micro_sqr.zero_()
-            for chunk_id, chunk_sqr in enumerate(self._chunk_sqr):
-                index = self._chunk_index[chunk_id]
-                if index is None:  # unused slots are 0 and go to any group
-                    groups = [self._group_of[g] for g in self._chunk_groups[chunk_id]]
-                    index = torch.tensor(groups + [0] * (len(chunk_sqr) - len(groups)), device=self.device)
-                    self._chunk_index[chunk_id] = index
-                self._micro_sqr.index_add_(0, index, chunk_sqr.to(self.device))
+            for chunk in self._chunks:
+                if chunk.index is None:  # unused slots are 0 and go to any group
+                    groups = [self._group_of[g] for g in chunk.groups]
+                    groups += [0] * (len(chunk.sqr) - len(groups))
+                    chunk.index = torch.tensor(groups, device=self.device)
+                self._micro_sqr.index_add_(0, chunk.index, chunk.sqr.to(self.device))
         return self._micro_sqr
 
     @property
     def grad_sqr(self) -> torch.Tensor:
-        """Per-group ``||G||^2`` of this update, or this rank's part of it (see :attr:`grad_sqr_is_part`)."""
+        """Per-group ``||G||^2`` of this update, or this rank's part of it (see :attr:`grad_sqr_is_part`).
+
+        Where the gradients may have been clipped or unscaled after the last backward pass, this
+        is the value at ``step()``; :meth:`take_grad_sqr` also returns what recovers the pre-clip one.
+        """
+        value, probes = self.take_grad_sqr()
+        if probes.numel():  # a host sync: step() reads the probes with the statistics instead
+            self._grad_sqr = value = value * self.unclip_factor(probes.tolist())
+        return value
+
+    def take_grad_sqr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``||G||^2`` per group (or this rank's part), and the probe norms (before, then now) that
+        :meth:`unclip_factor` turns into the factor that undoes a clip or unscale since the last
+        pass. Both stay on the device: the caller reads them in the update's one host sync."""
+        none = torch.zeros(0, dtype=torch.float64, device=self.device)
         if self.grad_sqr_fn is not None:
-            return self.grad_sqr_fn()
-        if self._deferred is not None:
-            self._grad_sqr = self._resolve_grad_sqr()
-        return self._grad_sqr
+            return self.grad_sqr_fn(), none
+        if self._deferred is None:
+            return self._grad_sqr, none
+        probe_pairs, probe_norms, fingerprint = self._deferred
+        self._deferred = None
+        self._grad_sqr = self._measure_grad_sqr()
+        if probe_norms is None:
+            if self._fingerprint() != fingerprint:
+                self._warn_modified("a gradient was replaced or removed")
+            return self._grad_sqr, none
+        if any(p.grad is not g for p, g in probe_pairs):
+            self._warn_modified("a gradient was replaced or removed")
+            return self._grad_sqr, none
+        # Version counters miss some in-place kernels (GradScaler's unscale), so the probes decide.
+        now = torch._foreach_norm([g for _, g in probe_pairs])
+        probes = torch.stack([*probe_norms, *now]).to(device=self.device, dtype=torch.float64)
+        return self._grad_sqr, probes
+
+    def unclip_factor(self, probes: Sequence[float]) -> float:
+        """What ``||G||^2`` read at ``step()`` is multiplied by to be the pre-clip value, from the
+        probe norms of :meth:`take_grad_sqr` (read on the host): 1 when nothing changed."""
+        if not probes:
+            return 1.0
+        half = len(probes) // 2
+        ratios = [(a / b) ** 2 for a, b in zip(probes[:half], probes[half:]) if b > 0 and a > 0]
+        if not ratios:
+            if not self._warned_modified:
+                self._warned_modified = True
+                logger.warning(
+                    "AdaScale: the probe gradients (the smallest parameters') are zero, so a clip or "
+                    "unscale between the last backward pass and step() cannot be recovered; ||G||^2 "
+                    "is taken as it is at step()"
+                )
+            return 1.0
+        if max(ratios) - min(ratios) > 1e-4 * max(ratios):
+            self._warn_modified("they were not scaled by one common factor")
+            return 1.0
+        factor = sum(ratios) / len(ratios)
+        return 1.0 if abs(factor - 1.0) < 1e-6 else factor
 
     @property
     def grad_sqr_is_part(self) -> bool:
@@ -448,50 +555,19 @@ class MicroGradCapture:
 
     # ``||G||^2`` of replicated gradients is needed once per update, but which backward pass is
     # the last one is only known at step(). So a closing pass records where each gradient stands
-    # (identity and version counter) and the squared norms of two small "probe" gradients, and
-    # step() takes the norm. If the gradients were scaled in between (clip_grad_norm_,
+    # (identity and version counter) and the norms of two small "probe" gradients, and step()
+    # takes the norm. If the gradients were scaled in between (clip_grad_norm_,
     # GradScaler.unscale_: one factor for all), the probes give the factor back.
     def _defer_grad_sqr(self) -> None:
         probe_pairs = [(p, p.grad) for p in self._probe_params if p.grad is not None][:2]
         if probe_pairs:
-            # One fused kernel; the norms are compared (squared, on the host) only at step().
+            # One fused kernel; the norms are compared (on the host) only at step().
             self._deferred = (probe_pairs, torch._foreach_norm([g for _, g in probe_pairs]), None)
         else:  # no probe gradient: fall back to noticing any change, to warn about it
             self._deferred = ([], None, self._fingerprint())
 
     def _fingerprint(self) -> list:
         return [None if g is None else (id(g), g._version) for g in (p.grad for ps in self.groups for p in ps)]
-
-    def _resolve_grad_sqr(self) -> torch.Tensor:
-        probe_pairs, probe_norms, fingerprint = self._deferred
-        self._deferred = None
-        now = self._measure_grad_sqr()
-        if probe_norms is None:
-            if self._fingerprint() != fingerprint:
-                self._warn_modified("a gradient was replaced or removed")
-            return now
-        probes = [g for _, g in probe_pairs]
-        if any(p.grad is not g for p, g in probe_pairs):
-            self._warn_modified("a gradient was replaced or removed")
-            return now
-        # Version counters miss some in-place kernels (GradScaler's unscale), so the probes decide.
-        both = torch.stack([*probe_norms, *torch._foreach_norm(probes)]).to(torch.float64).square().tolist()
-        pre, post = both[: len(probes)], both[len(probes) :]
-        ratios = [a / b for a, b in zip(pre, post) if b > 0 and a > 0]
-        if not ratios:
-            if not self._warned_modified:
-                self._warned_modified = True
-                logger.warning(
-                    "AdaScale: the probe gradients (the smallest parameters') are zero, so a clip or "
-                    "unscale between the last backward pass and step() cannot be recovered; ||G||^2 "
-                    "is taken as it is at step()"
-                )
-            return now
-        if max(ratios) - min(ratios) > 1e-4 * max(ratios):
-            self._warn_modified("they were not scaled by one common factor")
-            return now
-        factor = sum(ratios) / len(ratios)
-        return now if abs(factor - 1.0) < 1e-6 else now * factor
 
     def _warn_modified(self, why: str) -> None:
         if not self._warned_modified:
@@ -506,8 +582,12 @@ class MicroGradCapture:
     def reset(self) -> None:
         """Start a new window (the optimizer calls this when an update consumes one)."""
         self.passes = 0
-        for chunk_sqr in self._chunk_sqr:
-            chunk_sqr.zero_()
+        # Chunks whose hooks were all rebound (a cast or a move) are empty from here on.
+        if any(chunk.live == 0 for chunk in self._chunks):
+            self._chunks = [chunk for chunk in self._chunks if chunk.live]
+            self._open_chunk = {k: c for k, c in self._open_chunk.items() if c.live}
+        for chunk in self._chunks:
+            chunk.sqr.zero_()
         self._micro_sqr.zero_()
         self._micro_sqr_stale = False
         self._sentinel = None

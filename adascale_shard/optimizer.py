@@ -22,7 +22,7 @@ __all__ = ["AdaScale", "resolve_optimizer_class", "STATE_DICT_KEY", "STATE_FORMA
 logger = logging.getLogger(__name__)
 
 STATE_DICT_KEY = "adascale"
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 2: one average weight per group (1: one for the model)
 
 
 def _torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
@@ -196,7 +196,8 @@ class AdaScale(torch.optim.Optimizer):
         self._warned_nonfinite = False
         self._grad_var_avg = [0.0] * num_groups
         self._grad_sqr_avg = [0.0] * num_groups
-        self._avg_weight = 0.0
+        # One weight per group: a group added later is debiased from its own first estimate.
+        self._avg_weights = [0.0] * num_groups
         self._num_micro = 0
         self._scale = float(scale) if scale is not None else 1.0
 
@@ -260,6 +261,7 @@ class AdaScale(torch.optim.Optimizer):
         self._capture.add_group(new_group["params"], hook=not has_dtensor_params([new_group]))
         self._grad_var_avg.append(0.0)
         self._grad_sqr_avg.append(0.0)
+        self._avg_weights.append(0.0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -358,11 +360,9 @@ class AdaScale(torch.optim.Optimizer):
         return out
 
     def _averages(self, groups: Iterable[int]) -> tuple[float, float]:
-        if self._avg_weight == 0.0:
-            return 0.0, 0.0
-        indices = list(groups)
-        var = sum(self._grad_var_avg[i] for i in indices) / self._avg_weight
-        sqr = sum(self._grad_sqr_avg[i] for i in indices) / self._avg_weight
+        indices = [i for i in groups if self._avg_weights[i] > 0.0]  # a group with no estimate yet adds 0
+        var = sum(self._grad_var_avg[i] / self._avg_weights[i] for i in indices)
+        sqr = sum(self._grad_sqr_avg[i] / self._avg_weights[i] for i in indices)
         return estimators.clamp_averages(var, sqr, self.config.min_relative_var)
 
     # -- the update ---------------------------------------------------------------------------
@@ -436,18 +436,23 @@ class AdaScale(torch.optim.Optimizer):
         passes = capture.passes
         counts = torch.tensor([passes, passes * passes], dtype=torch.float64, device=capture.device)
         ranks = world_size(self.process_group)
+        # The probe norms that recover a clip since the last pass are local: read beside the sums.
         if capture.grad_sqr_is_part:
             # This rank measures its part of ||G||^2 (its shard, or its share of the tensors of a
             # replicated gradient: each rank reads 1/ranks of G): summed with the rest.
-            reduced = torch.cat([capture.micro_sqr, counts, capture.grad_sqr])
-            values = start_all_reduce_sum(reduced, self.process_group)().tolist()  # the one host sync
+            grad_sqr, probes = capture.take_grad_sqr()
+            wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts, grad_sqr]), self.process_group)
+            values = torch.cat([wait(), probes]).tolist()  # the one host synchronisation
         else:  # the engine's global norm (ZeRO), or one process: the same on every rank
             wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts]), self.process_group)
-            values = torch.cat([wait(), capture.grad_sqr]).tolist()  # the one host synchronisation
+            grad_sqr, probes = capture.take_grad_sqr()
+            values = torch.cat([wait(), grad_sqr, probes]).tolist()  # the one host synchronisation
+        values, probe_norms = values[: len(values) - probes.numel()], values[len(values) - probes.numel() :]
         capture.reset()
         micro_sum = values[:num_groups]
         passes_sum, passes_sq_sum = values[num_groups : num_groups + 2]
-        grad_sqr = values[num_groups + 2 :]
+        unclip = capture.unclip_factor(probe_norms)
+        grad_sqr = [v * unclip for v in values[num_groups + 2 :]]
         if abs(passes_sq_sum * ranks - passes_sum**2) > 0.5:
             raise RuntimeError(
                 f"AdaScale: the ranks ran different numbers of backward passes in one update "
@@ -493,16 +498,15 @@ class AdaScale(torch.optim.Optimizer):
             smoothing = self.config.smoothing
             if smoothing is None:
                 smoothing = estimators.default_smoothing(scale)
-            weight = self._avg_weight
             for index in range(num_groups):
                 est = estimators.estimate(micro_mean[index], grad_sqr[index], num_micro, scale)
-                self._grad_var_avg[index], weight = estimators.ema_update(
-                    self._grad_var_avg[index], self._avg_weight, est.grad_var, smoothing
+                weight = self._avg_weights[index]
+                self._grad_var_avg[index], _ = estimators.ema_update(
+                    self._grad_var_avg[index], weight, est.grad_var, smoothing
                 )
-                self._grad_sqr_avg[index], _ = estimators.ema_update(
-                    self._grad_sqr_avg[index], self._avg_weight, est.grad_sqr, smoothing
+                self._grad_sqr_avg[index], self._avg_weights[index] = estimators.ema_update(
+                    self._grad_sqr_avg[index], weight, est.grad_sqr, smoothing
                 )
-            self._avg_weight = weight
         var, sqr = self._averages(range(num_groups))
         self._gain = estimators.gain(var, sqr, scale)
 
@@ -521,6 +525,7 @@ class AdaScale(torch.optim.Optimizer):
         self._regrouped = True
         self._grad_var_avg = [0.0] * len(capture.groups)
         self._grad_sqr_avg = [0.0] * len(capture.groups)
+        self._avg_weights = [0.0] * len(capture.groups)
 
     def _drop_window(self) -> None:
         """For engine integrations: the engine skipped this update (fp16 overflow); forget its
@@ -557,7 +562,7 @@ class AdaScale(torch.optim.Optimizer):
         """AdaScale's own state, for checkpoints that carry it beside the base optimizer's
         (DeepSpeed's ``client_state``, a DCP ``Stateful``): ``format_version, tau, gain, updates,
         nonfinite_updates``, the per-group un-normalised averages ``grad_var_avg, grad_sqr_avg``,
-        ``avg_weight``, the last ``num_micro`` and ``scale``, and the ``config`` it ran with."""
+        ``avg_weights`` (one per group), the last ``num_micro`` and ``scale``, and the ``config`` it ran with."""
         return {
             "format_version": STATE_FORMAT_VERSION,
             "tau": self._tau,
@@ -566,7 +571,7 @@ class AdaScale(torch.optim.Optimizer):
             "nonfinite_updates": self._nonfinite_updates,
             "grad_var_avg": list(self._grad_var_avg),
             "grad_sqr_avg": list(self._grad_sqr_avg),
-            "avg_weight": self._avg_weight,
+            "avg_weights": list(self._avg_weights),
             "num_micro": self._num_micro,
             "scale": self._scale,
             "config": {
@@ -582,10 +587,12 @@ class AdaScale(torch.optim.Optimizer):
         saved ones: the averages describe the model and the base batch, not the scale, so an
         elastic resume at another scale carries them over unchanged."""
         version = saved.get("format_version")
-        if version != STATE_FORMAT_VERSION:
+        if version == 1:  # one model-wide average weight: every group had it
+            saved = {**saved, "avg_weights": [saved["avg_weight"]] * len(saved["grad_var_avg"])}
+        elif version != STATE_FORMAT_VERSION:
             raise ValueError(
                 f"AdaScale state format_version {version!r} is not supported by this version "
-                f"(expects {STATE_FORMAT_VERSION}): load it with the adascale-shard release that "
+                f"(reads 1 and {STATE_FORMAT_VERSION}): load it with the adascale-shard release that "
                 "saved it"
             )
         num_groups = len(self._grad_var_avg)
@@ -602,6 +609,6 @@ class AdaScale(torch.optim.Optimizer):
         self._nonfinite_updates = int(saved["nonfinite_updates"])
         self._grad_var_avg = [float(v) for v in saved["grad_var_avg"]]
         self._grad_sqr_avg = [float(v) for v in saved["grad_sqr_avg"]]
-        self._avg_weight = float(saved["avg_weight"])
+        self._avg_weights = [float(w) for w in saved["avg_weights"]]
         self._num_micro = int(saved["num_micro"])
         self._scale = float(saved["scale"])

@@ -89,12 +89,10 @@ class PreconditionedAdaScale(AdaScale):
         return weights
 
     def _averages(self, groups) -> tuple[float, float]:  # noqa: ANN001
-        if self._avg_weight == 0.0:
-            return 0.0, 0.0
-        indices = list(groups)
+        indices = [i for i in groups if self._avg_weights[i] > 0.0]
         weights = self._weights()
-        var = sum(weights[i] * self._grad_var_avg[i] for i in indices) / self._avg_weight
-        sqr = sum(weights[i] * self._grad_sqr_avg[i] for i in indices) / self._avg_weight
+        var = sum(weights[i] * self._grad_var_avg[i] / self._avg_weights[i] for i in indices)
+        sqr = sum(weights[i] * self._grad_sqr_avg[i] / self._avg_weights[i] for i in indices)
         return estimators.clamp_averages(var, sqr, self.config.min_relative_var)
 
 

@@ -45,7 +45,7 @@ def test_resume_at_another_scale_keeps_the_averages_and_uses_the_new_scale():
     assert error < 0.05
 
     # The counterfactual: rescaling the variance average by old/new scale (fairscale set_scale).
-    weight = saved["adascale"]["avg_weight"]
+    weight = saved["adascale"]["avg_weights"][0]
     var = saved["adascale"]["grad_var_avg"][0] / weight * 4 / 16
     sqr = saved["adascale"]["grad_sqr_avg"][0] / weight
     rescaled = estimators.gain(*estimators.clamp_averages(var, sqr), 16)

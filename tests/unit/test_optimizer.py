@@ -282,7 +282,7 @@ def test_nonfinite_statistics_are_never_folded(caplog):
         poisoned_update()
     after = opt.state_dict()["adascale"]
     assert after["grad_var_avg"] == averages["grad_var_avg"]
-    assert after["avg_weight"] == averages["avg_weight"]
+    assert after["avg_weights"] == averages["avg_weights"]
     assert after["nonfinite_updates"] == 2
     assert opt.stats()["last_update_nonfinite"] == 1.0
     assert math.isfinite(opt.gain()) and opt.gain() == averages["gain"]
@@ -365,6 +365,47 @@ def test_add_param_group_is_hooked():
     assert opt.stats()["group1/var"] > 0
 
 
+def test_a_group_added_after_training_started_is_averaged_from_its_first_estimate():
+    """fairscale's AdaScale tests unfreeze a layer mid-run: the new group's zero-initialised
+    averages must not be debiased with the weight the other groups accumulated."""
+    m, ref = make_model(), make_model()
+    m[2].requires_grad_(False)  # frozen, then unfrozen and added
+    opt = AdaScale(m[0].parameters(), lr=0.0, smoothing=0.99)
+    train(m, opt, 100)
+    m[2].requires_grad_(True)
+    opt.add_param_group({"params": m[2].parameters()})
+    train(m, opt, 1, start=100)
+    # The same update on a fresh optimizer over the new group only: its first estimate.
+    fresh = AdaScale(ref[2].parameters(), lr=0.0, smoothing=0.99)
+    ref[0].requires_grad_(False)
+    train(ref, fresh, 1, start=100)
+    got, want = opt.stats(), fresh.stats()
+    assert got["group1/var"] == pytest.approx(want["group0/var"], rel=1e-9)
+    assert got["group1/sqr"] == pytest.approx(want["group0/sqr"], rel=1e-9)
+    assert got["group1/gain"] == pytest.approx(want["group0/gain"], rel=1e-9)
+
+
+def test_one_host_synchronisation_per_update(monkeypatch):
+    """The update reads the all-reduced sums, ||G||^2 and the probe norms in one transfer, also
+    when a clip between backward and step() must be undone."""
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1))
+    syncs = []
+    for name in ("tolist", "item", "__float__", "__bool__", "__int__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: syncs.append(_n) or _f(self, *a, **k)
+        )
+    for replicas in [(0, 1), (1, 2)]:  # ||G||^2 whole (one process), or a DDP rank's share of it
+        opt._capture.replicas = lambda replicas=replicas: replicas
+        accumulate(m, micro_batches(0, 4))
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)  # a clip the probes undo
+        syncs.clear()
+        opt.step()
+        assert syncs == ["tolist"], replicas
+        opt.zero_grad()
+
+
 # -- state ---------------------------------------------------------------------------------------
 def test_state_dict_round_trip_continues_identically():
     m = make_model()
@@ -384,7 +425,7 @@ def test_state_dict_round_trip_continues_identically():
     for p, q in zip(m.parameters(), m2.parameters()):
         assert torch.equal(p, q)
     keys = set(saved_opt["adascale"])
-    assert {"format_version", "tau", "gain", "grad_var_avg", "grad_sqr_avg", "avg_weight"} <= keys
+    assert {"format_version", "tau", "gain", "grad_var_avg", "grad_sqr_avg", "avg_weights"} <= keys
 
 
 def test_saving_in_the_middle_of_an_accumulation_window():

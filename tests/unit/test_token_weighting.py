@@ -277,8 +277,9 @@ def measure(scenario: Scenario, kind_vocab: int, state: str, seed: int = 0) -> d
             trainer_loss(kind, model, scenario.batches[i], total).backward()
         opt.step()
         state_dict = opt.estimator_state_dict()
-        var_hook = sum(state_dict["grad_var_avg"]) / state_dict["avg_weight"]
-        sqr_hook = sum(state_dict["grad_sqr_avg"]) / state_dict["avg_weight"]
+        weights = state_dict["avg_weights"]
+        var_hook = sum(v / w for v, w in zip(state_dict["grad_var_avg"], weights))
+        sqr_hook = sum(s / w for s, w in zip(state_dict["grad_sqr_avg"], weights))
         opt.zero_grad()
         a_hook, b_hook = sqr_hook + var_hook, sqr_hook + var_hook / N
         a_x, b_x = float(a_adascale[w]), float(grad_sqr[w])
