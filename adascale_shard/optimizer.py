@@ -462,6 +462,15 @@ class AdaScale(torch.optim.Optimizer):
         num_micro = int(round(passes_sum))
         passes_per_rank = passes_sum / ranks
         scale = float(self.config.scale) if self.config.scale is not None else float(num_micro)
+        if self._num_micro and num_micro != self._num_micro:
+            logger.info(
+                "AdaScale: %d micro-gradients per update, %d before; the averages carry over. They are "
+                "in the units of the applied gradient: right when each micro-batch's loss is divided "
+                "by the accumulation steps (a mean); a summed loss changes their units with the "
+                "accumulation steps (docs/algorithm.md#loss-normalisation)",
+                num_micro,
+                self._num_micro,
+            )
         self._num_micro, self._scale = num_micro, scale
         if num_micro < 2:
             if scale > 1:

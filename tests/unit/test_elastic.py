@@ -69,3 +69,51 @@ def test_set_scale_when_the_global_batch_grows():
     assert opt.gain() == pytest.approx(truth8, rel=0.05)
     with pytest.raises(ValueError, match="impossible"):
         opt.set_scale(0.5)
+
+
+def test_a_summed_loss_changes_the_units_not_the_gain(caplog):
+    """A loss summed over the micro-batches (not divided by their number) makes the applied
+    gradient G, and with it the statistics, K times the mean gradient. The gain is a ratio, so at
+    a fixed K it is the mean-loss gain; at an elastic change of K the averages carry over in the
+    old units, so the history weighs (K_old/K_new)^2 as much as the new estimates (a shorter
+    memory, not a biased gain), and the change is logged with where the docs explain it."""
+    x, y, w0 = problem(seed=3)
+    smoothing = 0.999
+
+    def run_loss(opt, model, updates, num_micro, gen, summed):
+        for _ in range(updates):
+            idx = torch.randint(SAMPLES, (num_micro, MICRO_BATCH), generator=gen)
+            for k in range(num_micro):
+                loss = 0.5 * (model(x[idx[k]]) - y[idx[k]]).pow(2).mean()
+                (loss if summed else loss / num_micro).backward()
+            opt.step()
+            opt.zero_grad()
+
+    runs = {}
+    for summed in (False, True):
+        model = LeastSquares(w0)
+        opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.0), smoothing=smoothing)
+        gen = torch.Generator().manual_seed(7)  # the same micro-batches in both runs
+        run_loss(opt, model, 1000, 4, gen, summed)
+        before = (opt.stats(), opt.estimator_state_dict())
+        with caplog.at_level("INFO", logger="adascale_shard.optimizer"):
+            caplog.clear()
+            run_loss(opt, model, 300, 16, gen, summed)
+            note = [r.getMessage() for r in caplog.records if "micro-gradients per update" in r.getMessage()]
+        runs[summed] = (before, (opt.stats(), opt.estimator_state_dict()), note)
+
+    ((mean_stats0, mean0), (mean_stats1, mean1), mean_note), ((sum_stats0, _), (sum_stats1, sum1), sum_note) = (
+        runs[False],
+        runs[True],
+    )
+    assert sum_stats0["gain"] == pytest.approx(mean_stats0["gain"], rel=1e-9)
+    assert sum_stats0["var"] == pytest.approx(16 * mean_stats0["var"], rel=1e-9)  # units: K^2 = 16
+    # The summed run's average: the mean run's history in units 4^2, its new estimates in 16^2.
+    for key in ("grad_var_avg", "grad_sqr_avg"):
+        history = mean0[key][0] * smoothing**300
+        assert sum1[key][0] == pytest.approx(16 * history + 256 * (mean1[key][0] - history), rel=1e-6)
+    truth16 = true_gain(x, y, w0, MICRO_BATCH, 16)
+    assert mean_stats1["gain"] == pytest.approx(truth16, rel=0.05)
+    assert sum_stats1["gain"] == pytest.approx(truth16, rel=0.05)
+    assert len(mean_note) == len(sum_note) == 1
+    assert "16 micro-gradients per update, 4 before" in sum_note[0] and "loss-normalisation" in sum_note[0]
