@@ -22,13 +22,15 @@ Where the statistics come from (``../shared/design/ALGORITHM.md``):
 
 * local micro-gradients: tensor hooks on the model's parameters, which fire before DeepSpeed's
   own reduction hooks in every stage (ZeRO-3 keeps the same ``Parameter`` objects);
-* ``||G||^2``: with a ZeRO, bf16 or fp16 wrapper, the wrapper's pre-clip, unscaled
+* ``||G||^2``: with a ZeRO, bf16 or fp16 wrapper, the wrapper's pre-clip
   ``_global_grad_norm`` (already reduced over ranks) read when the wrapper calls AdaScale's
   ``step()``; the statistics then cover the whole model as one group (DeepSpeed reports one
   norm). With ZeRO-0 in fp32 (no wrapper) it is taken from the reduced ``.grad`` right after
   the engine's all-reduce and before its clipping.
-* fp16: the hooked squares are divided by the square of the loss scale of the window's backward
-  passes; an overflowed update never calls ``step()`` and its statistics are dropped.
+* fp16: the hooked squares are divided by the square of the loss scale the engine gave the
+  window's backward passes, and ``||G||^2`` is unscaled from the same scale; both depend on the
+  wrapper kind (:data:`_FP16_WRAPPERS`), and an fp16 wrapper of an unknown kind is refused at
+  ``initialize``. An overflowed update never calls ``step()`` and its statistics are dropped.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ CLIENT_STATE_KEY = "adascale"  # AdaScale's estimator in DeepSpeed checkpoints
 TESTED_VERSIONS = ((0, 19, 8), (0, 20, 0))  # [low, high)
 _ENGINE_MODULE = "deepspeed.runtime.engine"
 _PATCHED = "_adascale_shard_patched"
+_BACKWARD_SCALE = "_adascale_backward_loss_scale"  # set on the engine by _attach_wrapper
 _REQUIRED_ENGINE_METHODS = (
     "_configure_basic_optimizer",
     "_configure_optimizer",
@@ -172,7 +175,8 @@ def patch_engine(module: Any) -> None:
         if not isinstance(adascale, AdaScale):
             return take_model_step(self, *args, **kwargs)
         # The loss scale of this window's backward passes: the wrapper may change it in step().
-        adascale._capture.loss_scale = _loss_scale(self.optimizer)
+        backward_scale = getattr(self, _BACKWARD_SCALE, None)
+        adascale._capture.loss_scale = backward_scale() if backward_scale is not None else 1.0
         result = take_model_step(self, *args, **kwargs)
         if adascale._capture.passes:  # the wrapper skipped AdaScale's step (overflow)
             logger.info("AdaScale: DeepSpeed skipped this update (overflow); its statistics are dropped")
@@ -271,7 +275,7 @@ def _attach_replicated(engine: Any, adascale: AdaScale) -> None:
 
 
 def _attach_wrapper(engine: Any, adascale: AdaScale) -> None:
-    """ZeRO-1/2/3, bf16, fp16: the wrapper computes the pre-clip, unscaled global norm before it
+    """ZeRO-1/2/3, bf16, fp16: the wrapper computes the pre-clip global norm before it
     calls AdaScale's ``step()``; the statistics become one whole-model group."""
     wrapper = engine.optimizer
     if not hasattr(wrapper, "_global_grad_norm"):
@@ -279,6 +283,8 @@ def _attach_wrapper(engine: Any, adascale: AdaScale) -> None:
             f"AdaScale cannot read the gradient norm of DeepSpeed's {type(wrapper).__name__}: it has no "
             "_global_grad_norm. Install a tested DeepSpeed version (deepspeed>=0.19.8,<0.20)"
         )
+    backward_scale, norm_factor = _fp16_wrapper_kind(engine, wrapper)
+    setattr(engine, _BACKWARD_SCALE, lambda: backward_scale(wrapper))
     capture = adascale._capture
     capture.merge_groups()  # the hooks AdaScale placed stay (no second gather under ZeRO-3 zero.Init)
     capture.snapshot_on_close = False
@@ -292,11 +298,54 @@ def _attach_wrapper(engine: Any, adascale: AdaScale) -> None:
                 "AdaScale needs DeepSpeed's gradient norm, but it was not computed: remove "
                 '"compute_grad_norm": false from zero_optimization'
             )
-        norm = torch.as_tensor(norm, dtype=torch.float64, device=device)
+        # capture.loss_scale: the backward passes' scale; _loss_scale(wrapper): after the wrapper's update.
+        factor = norm_factor(capture.loss_scale, _loss_scale(wrapper))
+        norm = torch.as_tensor(norm, dtype=torch.float64, device=device) * factor
         return norm.square().reshape(1)
 
     capture.grad_sqr_fn = global_grad_sqr
     adascale._replace_capture(capture)
+
+
+# DeepSpeed 0.19 wrappers by the class that defines their step() (module, name):
+# (1) the loss scale engine.backward()/engine.scale() give the gradients, from the wrapper;
+# (2) what _global_grad_norm is multiplied by to be unscaled, from (1) and the wrapper's scale when it
+#     calls AdaScale's step() (after its own loss-scale update).
+_FP16_WRAPPERS = {
+    # Not a ZeROOptimizer: the engine never scales its loss (only its unused backward() would), so the
+    # gradients and their norm are unscaled while loss_scale grows (its "norm*scale" comment is moot).
+    ("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer"): (
+        lambda wrapper: 1.0,
+        lambda backward, now: 1.0 / backward,
+    ),
+    # Scaled by loss_scaler; the norm is divided by prev_scale, the backward passes' scale.
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"): (
+        _loss_scale,
+        lambda backward, now: 1.0,
+    ),
+    # Scaled by loss_scaler; the norm is divided by the scale after _update_scale (new on a growth).
+    ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"): (
+        _loss_scale,
+        lambda backward, now: now / backward,
+    ),
+}
+
+
+def _fp16_wrapper_kind(engine: Any, wrapper: Any) -> tuple[Any, Any]:
+    """The :data:`_FP16_WRAPPERS` entry of the class whose ``step()`` the wrapper runs. Without
+    fp16 nothing is scaled; with fp16 an unknown wrapper is refused rather than guessed."""
+    owner = next((cls for cls in type(wrapper).__mro__ if "step" in vars(cls)), type(wrapper))
+    kind = _FP16_WRAPPERS.get((owner.__module__, owner.__qualname__))
+    if kind is not None:
+        return kind
+    if engine.fp16_enabled():
+        raise RuntimeError(
+            f"AdaScale does not know how DeepSpeed's {type(wrapper).__name__} (step() of "
+            f"{owner.__module__}.{owner.__qualname__}) scales the gradients and their norm under fp16 "
+            "loss scaling, so its gain would be wrong. Install a tested DeepSpeed version: pip install "
+            "'adascale-shard[deepspeed]' (deepspeed>=0.19.8,<0.20), or train in bf16"
+        )
+    return (lambda wrapper: 1.0), (lambda backward, now: 1.0)
 
 
 def _follow_tau(engine: Any, adascale: AdaScale) -> None:
