@@ -420,8 +420,6 @@ class MicroGradCapture:
             self.reset()
         self._pass_open = True
         self._pass_task_id = task_id
-        for chunk in self._chunks:  # a hook that does not fire in this pass contributes 0
-            chunk.norms.zero_()
         # Queued on this backward's graph task; it queues the closing step again so that it runs
         # after the callbacks engines queue later in the same backward (DDP's reduction).
         Variable._execution_engine.queue_callback(self._queue_close_pass)
@@ -435,8 +433,12 @@ class MicroGradCapture:
         self._pass_task_id = -1
         self._inner_task_id = -1
         self._fired.clear()
+        # On the caller's stream, which autograd syncs with every leaf stream before callbacks;
+        # zeroed here, not when the next pass opens, so that no hook of the next pass (on any
+        # stream) can race the zeroing: a hook that does not fire in a pass contributes 0.
         for chunk in self._chunks:
             chunk.sqr.addcmul_(chunk.norms, chunk.norms)
+            chunk.norms.zero_()
         self._micro_sqr_stale = True
         if self.snapshot_on_close:
             if self.sharded_grads or any(hasattr(p.grad, "to_local") for p in self._probe_params):

@@ -407,6 +407,20 @@ def test_one_host_synchronisation_per_update(monkeypatch):
 
 
 # -- state ---------------------------------------------------------------------------------------
+def test_a_format_1_state_dict_still_loads():
+    """Format 1 (before one average weight per group) kept one weight for the whole model."""
+    m = make_model()
+    opt = AdaScale([{"params": m[0].parameters()}, {"params": m[2].parameters()}], lr=0.1)
+    train(m, opt, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    old = dict(saved["adascale"], format_version=1, avg_weight=saved["adascale"]["avg_weights"][0])
+    del old["avg_weights"]
+    resumed = AdaScale([{"params": m[0].parameters()}, {"params": m[2].parameters()}], lr=0.1)
+    resumed.load_state_dict({**saved, "adascale": old})
+    assert resumed.stats() == opt.stats()
+    assert resumed.state_dict()["adascale"]["format_version"] == 2
+
+
 def test_state_dict_round_trip_continues_identically():
     m = make_model()
     opt = AdaScale(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
