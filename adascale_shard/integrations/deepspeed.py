@@ -284,6 +284,7 @@ def _attach_wrapper(engine: Any, adascale: AdaScale) -> None:
             "_global_grad_norm. Install a tested DeepSpeed version (deepspeed>=0.19.8,<0.20)"
         )
     backward_scale, norm_factor = _fp16_wrapper_kind(engine, wrapper)
+    refuse_unscaled_fp16_step(engine, wrapper)
     setattr(engine, _BACKWARD_SCALE, lambda: backward_scale(wrapper))
     capture = adascale._capture
     capture.merge_groups()  # the hooks AdaScale placed stay (no second gather under ZeRO-3 zero.Init)
@@ -346,6 +347,27 @@ def _fp16_wrapper_kind(engine: Any, wrapper: Any) -> tuple[Any, Any]:
             "'adascale-shard[deepspeed]' (deepspeed>=0.19.8,<0.20), or train in bf16"
         )
     return (lambda wrapper: 1.0), (lambda backward, now: 1.0)
+
+
+def refuse_unscaled_fp16_step(engine: Any, wrapper: Any) -> None:
+    """Refuse DeepSpeed 0.19's ZeRO-0 fp16 path for optimizers other than FusedAdam: the engine
+    never scales the loss of ``FP16_UnfusedOptimizer`` (not a ``ZeROOptimizer``), yet its ``step()``
+    divides the gradients by the loss scale, so every update would be ``loss_scale`` times too small,
+    with or without AdaScale (docs/deepspeed-fp16.md)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    unfused = any(
+        cls.__module__ == "deepspeed.runtime.fp16.unfused_optimizer" and cls.__qualname__ == "FP16_UnfusedOptimizer"
+        for cls in type(wrapper).__mro__
+    )
+    if engine.fp16_enabled() and unfused and not isinstance(wrapper, ZeROOptimizer):
+        raise ValueError(
+            "AdaScale refuses DeepSpeed ZeRO stage 0 with fp16: DeepSpeed wraps every optimizer but "
+            "FusedAdam in FP16_UnfusedOptimizer, whose step() divides the gradients by a loss scale "
+            f"(now {_loss_scale(wrapper):g}) that engine.backward() never applied, so each update would "
+            "be that many times too small. Use \"zero_optimization\": {\"stage\": 1} (or 2, 3) with "
+            "fp16, or \"bf16\": {\"enabled\": true} (docs/deepspeed-fp16.md#zero-0)"
+        )
 
 
 def _follow_tau(engine: Any, adascale: AdaScale) -> None:

@@ -74,19 +74,36 @@ def reference() -> dict:
     return {"gain": gains, "norm": norms}
 
 
-def train_fp16(rank: int, world: int, stage: int) -> dict:
+def _fp16_worker(rank: int, world: int) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
     os.environ.update({"LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29598"})
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     import adascale_shard  # noqa: F401 - registers the type
 
     # DeepSpeed's CPU accelerator calls fp16 unsupported (no mkldnn fp16 kernels), but the fp16
     # wrappers are plain torch and run on CPU: lift the capability check in this worker only.
-    accelerator = get_accelerator()
-    accelerator.is_fp16_supported = lambda: True
+    get_accelerator().is_fp16_supported = lambda: True
 
+
+def train_fp16(rank: int, world: int, stage: int) -> dict:
+    _fp16_worker(rank, world)
+    import deepspeed
+
+    from adascale_shard.integrations import deepspeed as integration
+
+    refuse = integration.refuse_unscaled_fp16_step
+    if stage == 0:
+        # ZeRO-0 fp16 is refused (DeepSpeed's step is off by the loss scale: zero0_refused and
+        # zero0_deepspeed_step below); lifted here to keep AdaScale's own statistics on it exact.
+        integration.refuse_unscaled_fp16_step = lambda engine, wrapper: None
+    try:
+        return _train_fp16(rank, stage, deepspeed)
+    finally:
+        integration.refuse_unscaled_fp16_step = refuse
+
+
+def _train_fp16(rank: int, stage: int, deepspeed) -> dict:  # noqa: ANN001
     model = Net()
     config = ds_config(stage, ACCUMULATION, fp16=dict(FP16))
     config["optimizer"]["params"]["lr"] = 0.0
@@ -115,9 +132,43 @@ def train_fp16(rank: int, world: int, stage: int) -> dict:
     return out
 
 
+def zero0_refused(rank: int, world: int) -> str | None:
+    _fp16_worker(rank, world)
+    import deepspeed
+
+    model = Net()
+    config = ds_config(0, ACCUMULATION, fp16=dict(FP16))
+    try:
+        deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def zero0_deepspeed_step(rank: int, world: int) -> float:
+    """DeepSpeed 0.19.8 alone (plain SGD, lr 1, no AdaScale) on ZeRO-0 fp16: the applied step over
+    the reduced gradient. 1 would be right; the wrapper divides by a loss scale never applied."""
+    _fp16_worker(rank, world)
+    import deepspeed
+
+    model = Net()
+    config = ds_config(0, 1, optimizer=False, fp16=dict(FP16))
+    before = [p.detach().float().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    x, y = micro_batch(0, rank)
+    engine.backward(torch.nn.functional.mse_loss(engine(x.half()).float(), y))
+    grads = [p.grad.detach().float().clone() for p in engine.module.parameters()]
+    engine.step()
+    after = [p.detach().float() for p in engine.module.parameters()]
+    step = torch.cat([(a - b).flatten() for a, b in zip(before, after)]).norm()
+    return float(step / torch.cat([g.flatten() for g in grads]).norm()) * float(engine.optimizer.loss_scale)
+
+
 @pytest.fixture(scope="module")
 def results() -> dict:
     cases = [Case(f"zero{s}", train_fp16, (s,)) for s in STAGES]
+    cases += [Case("zero0_refused", zero0_refused, ()), Case("zero0_deepspeed_step", zero0_deepspeed_step, ())]
     per_rank = run_cases(cases, 2, timeout=600, env={"DS_ACCELERATOR": "cpu"})
     return {"rank0": per_rank[0], "rank1": per_rank[1], "reference": reference()}
 
@@ -183,3 +234,17 @@ def test_deepspeed_norm_facts_the_fix_relies_on(results, stage):
         ratios.append(run["ds_norm"][u] / ref["norm"][u])
         assert ratios[-1] == pytest.approx(expected, rel=NORM_RTOL), (u, ratios)
     print(f"\nfp16 ZeRO-{stage}: DeepSpeed's norm / reference ||G|| per applied update {[round(r, 4) for r in ratios]}")
+
+
+def test_zero0_fp16_is_refused_with_the_fix(results):
+    message = results["rank0"]["zero0_refused"]
+    assert message is not None, "ZeRO-0 + fp16 was accepted"
+    assert "ZeRO stage 0 with fp16" in message and '"stage": 1' in message and "bf16" in message
+    assert "docs/deepspeed-fp16.md#zero-0" in message
+
+
+def test_the_deepspeed_fact_behind_the_refusal(results):
+    """DeepSpeed 0.19.8 ZeRO-0 fp16 applies gradient / loss_scale: the step times the scale is the
+    gradient. When a DeepSpeed release fixes this (the product becomes the scale), lift the refusal."""
+    for rank in ("rank0", "rank1"):
+        assert results[rank]["zero0_deepspeed_step"] == pytest.approx(1.0, rel=1e-2)
