@@ -246,20 +246,55 @@ def engine_param(engine: str):
 PARAMS = [engine_param(e) for e in ENGINES]
 
 
+def bound_use(got: list[float], expected: list[float]) -> float:
+    """The largest ``|got - expected| / (GAIN_ATOL + GAIN_RTOL * |expected|)`` (the per-engine
+    tests' bound, ``torch.testing.assert_close``'s rule); above 1, or NaN: out of tolerance."""
+    ratios = [abs(a - b) / (GAIN_ATOL + GAIN_RTOL * abs(b)) for a, b in zip(got, expected)]
+    return max(ratios, key=lambda v: math.inf if math.isnan(v) else v)  # a NaN is not skipped
+
+
 def test_difference_table(runs):
-    print(f"\n{'engine':8} {'updates':>7} {'final tau':>10} {'max |gain - plain|':>19} {'max |tau - plain|':>18} {'resume max |diff|':>18}")
+    """Engine by engine (printed with ``-s``): the Accelerate run against the plain-PyTorch path
+    (gain, tau) and the resumed launch against the uninterrupted one (gain, tau, loss); every row
+    present, covering every update, and within the gain tolerance of the per-engine tests."""
+    have_deepspeed = importlib.util.find_spec("deepspeed") is not None
+    assert list(runs["full"]) == [e for e in ENGINES if have_deepspeed or not e.startswith("zero")]
+    header = f"\n{'engine':8} {'updates':>7} {'final tau':>10} {'max |gain - plain|':>19} {'max |tau - plain|':>18} {'resume max |diff|':>18} {'/bound':>7}"
+    lines, out_of_tolerance = [header], []
     for engine, records in runs["full"].items():
         got = updates(records)
         plain = runs["plain"][engine]
+        resumed = updates(runs["resumed"][engine])
+        # Every update compared: zip() below must not hide a missing or extra update.
+        assert len(got) == len(plain["gain"]) == len(plain["tau"]) > RESUME_AT, (engine, len(got), len(plain["gain"]))
+        assert [r["update"] for r in resumed] == list(range(RESUME_AT + 1, len(got) + 1)), engine
         gain = max(abs(r["gain"] - g) for r, g in zip(got, plain["gain"]))
         tau = max(abs(r["tau"] - t) for r, t in zip(got, plain["tau"]))
-        resumed = updates(runs["resumed"][engine])
         tail = {r["update"]: r for r in got}
         resume = max(abs(r[k] - tail[r["update"]][k]) for r in resumed for k in ("gain", "tau", "loss"))
-        print(f"{engine:8} {len(got):7d} {got[-1]['tau']:10.4f} {gain:19.2e} {tau:18.2e} {resume:18.2e}")
+        use = {
+            "gain": bound_use([r["gain"] for r in got], plain["gain"]),
+            "tau": bound_use([r["tau"] for r in got], plain["tau"]),
+            **{
+                f"resume {k}": bound_use([r[k] for r in resumed], [tail[r["update"]][k] for r in resumed])
+                for k in ("gain", "tau", "loss")
+            },
+        }
+        worst = max(use.values(), key=lambda v: math.inf if math.isnan(v) else v)
+        if not worst <= 1.0:  # also catches NaN
+            out_of_tolerance.append(f"{engine}: {use}")
+        lines.append(f"{engine:8} {len(got):7d} {got[-1]['tau']:10.4f} {gain:19.2e} {tau:18.2e} {resume:18.2e} {worst:7.3f}")
     first = {name: plain["gain"][0] for name, plain in runs["plain"].items() if name.endswith("_unclipped")}
-    print(f"first-update gain without clipping (plain references): {first}; with clipping: "
-          f"{ {engine: updates(records)[0]['gain'] for engine, records in runs['full'].items()} }")
+    clipped = {engine: updates(records)[0]["gain"] for engine, records in runs["full"].items()}
+    lines.append(f"first-update gain without clipping (plain references): {first}; with clipping: {clipped}")
+    table = "\n".join(lines)
+    print(table)
+    assert sorted(first) == [f"{e}_unclipped" for e in ("ddp", "zero2") if e in runs["full"]]
+    for engine, gain in clipped.items():  # AdaScale read the pre-clip gradients on every engine
+        for name, reference in first.items():
+            if not bound_use([gain], [reference]) <= 1.0:
+                out_of_tolerance.append(f"{engine}: first gain {gain} vs {name} {reference}")
+    assert not out_of_tolerance, "out of tolerance (/bound > 1):\n" + "\n".join(out_of_tolerance) + "\n" + table
 
 
 @pytest.mark.parametrize("engine", PARAMS)
