@@ -1,55 +1,31 @@
-"""Batch-size advisor: how far raising the batch still pays, from a finished run's AdaScale logs.
+"""The advisor's report: reading a run's logs, the per-phase prediction, the table and the PNG.
 
-    python -m adascale_shard.advisor RUN [--base_batch_size B0] [--png PATH]
-    adascale-advisor RUN ...
-
-``RUN`` is a Hugging Face Trainer output directory (``trainer_state.json`` in it or in its latest
-``checkpoint-*``; log records with ``adascale/tau, var, sqr, updates, S``, added by
-:class:`~adascale_shard.integrations.hf.AdaScaleCallback`), a ``trainer_state.json``, or a JSON-lines
-file of ``AdaScale.stats()`` records (``recipes/train_ddp.py``'s ``metrics.jsonl``, or a directory
-holding one).
-
-It predicts, for each phase of training and each scale ``S``, the *efficiency*: the fraction of the
-linear speed-up ``S`` that AdaScale would turn into progress, ``delta tau / (S * updates)``, and the
-gradient noise scale ``r = var / sqr`` (base batches; ``B_noise = B0 * r`` samples, McCandlish et
-al. 2018). The logged ``var`` and ``sqr`` are exponential averages over about 1000 base batches of
-data, i.e. over most of a small-S run, so the model first undoes that averaging between log records
-(:func:`adascale_shard.estimators.interval_statistics`) and then replays AdaScale at each scale,
-with that scale's own averaging (:func:`adascale_shard.estimators.simulate_taus`). Logs without
-``updates`` or ``S`` fall back to ``updates = integral dtau / gain_S(r(tau))`` on the logged,
-averaged ``r`` (:func:`adascale_shard.estimators.predicted_updates`), which underestimates the
-speed-up at scales far above the logged one.
-
-It prints a table and a recommendation and writes a PNG (heat map of efficiency against ``tau``
-and ``S``, and efficiency against ``S`` per phase; needs matplotlib). How close the prediction is,
-measured on the scale-invariance benchmark: ``benchmarks/advisor_validation.py`` (results in
-``benchmarks/results/advisor_validation.md``).
+:func:`load_run` reads a Trainer output directory, a ``trainer_state.json`` or a JSON-lines file of
+``AdaScale.stats()`` records into a :class:`~adascale_shard.advisor.model.RunLog`; :func:`advise`
+asks the :class:`~adascale_shard.advisor.model.Model` for the efficiency per phase of training and
+scale; :func:`format_report` and :func:`plot_advice` write what the command prints and draws.
 """
 
 from __future__ import annotations
 
-import argparse
-import bisect
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import estimators as est
+from ..estimators import noise_scale
+from .model import Model, RunLog, noise_scale_from_gain
 
 __all__ = [
     "AdvisorError",
-    "RunLog",
-    "Model",
     "Phase",
     "Advice",
+    "DEFAULT_SCALES",
     "load_run",
     "advise",
     "format_report",
     "plot_advice",
-    "main",
 ]
 
 DEFAULT_SCALES = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -59,18 +35,6 @@ GRID = tuple(2 ** (k / 2) for k in range(0, 21))  # scales 1 .. 1024, for "S at 
 
 class AdvisorError(ValueError):
     """The run's logs cannot be read or hold no AdaScale statistics."""
-
-
-@dataclass
-class RunLog:
-    """What the advisor takes from a log file."""
-
-    source: Path
-    points: list[tuple[float, float]]  # (tau, logged averaged noise scale r)
-    averaged: list[tuple[float, float, float, float, float]]  # (tau, updates, var, sqr, S), for Model
-    scales: list[float]  # logged S values
-    gains: list[float]  # logged gains
-    inverted: int  # records whose r came from inverting the gain (no var/sqr)
 
 
 @dataclass
@@ -173,12 +137,12 @@ def _points(records: list[dict[str, Any]], run_scale: float | None = None) -> tu
         if tau is None:
             continue
         if var is not None and sqr is not None:
-            r = est.noise_scale(var, sqr)
+            r = noise_scale(var, sqr)
             known_scale = scale if scale is not None else run_scale
             if updates is not None and known_scale is not None:
                 averaged.append((tau, updates, var, sqr, known_scale))
         elif g is not None and scale is not None and scale > 1:
-            r = est.noise_scale_from_gain(g, scale)  # logs without var/sqr: invert the gain
+            r = noise_scale_from_gain(g, scale)  # logs without var/sqr: invert the gain
             inverted += 1
         else:
             continue
@@ -236,82 +200,7 @@ def _run_scale_from_summary(run: Path) -> float | None:
     return None
 
 
-# -- the prediction ---------------------------------------------------------------------------
-class Model:
-    """Predicted update counts at any scale, from one run's logs.
-
-    ``kind == "averaging"`` (logs with ``tau, updates, var, sqr, S``): the logged averages are
-    undone between records and AdaScale is replayed at each scale with that scale's averaging.
-    ``kind == "instantaneous"``: ``integral dtau / gain_S`` on the logged (averaged) noise scale.
-    """
-
-    def __init__(self, log: RunLog, smoothing: float | None = None) -> None:
-        self.points = log.points
-        self.smoothing = smoothing
-        self.end = log.points[-1][0]
-        self.intervals = est.interval_statistics(log.averaged, smoothing) if len(log.averaged) >= 2 else []
-        self.kind = "averaging" if self.intervals else "instantaneous"
-        self._trajectories: dict[float, list[float]] = {}
-
-    def trajectory(self, scale: float, end: float | None = None) -> list[float]:
-        """``tau`` after each replayed update at ``scale`` until ``end`` (averaging model)."""
-        end = self.end if end is None else end
-        known = self._trajectories.get(scale)
-        if known is None or known[-1] < end:
-            known = est.simulate_taus(self.intervals, scale, max(end, self.end), self.smoothing)
-            self._trajectories[scale] = known
-        return known
-
-    def _count(self, scale: float, tau: float) -> float:
-        """Updates (fractional) the replay at ``scale`` takes to reach ``tau``."""
-        if tau <= 0.0:
-            return 0.0
-        taus = self.trajectory(scale, tau)
-        i = bisect.bisect_left(taus, tau)
-        before = taus[i - 1] if i > 0 else 0.0
-        return i + (tau - before) / (taus[i] - before)
-
-    def updates(self, scale: float, start: float = 0.0, end: float | None = None) -> float:
-        """Predicted updates to advance ``tau`` from ``start`` to ``end`` (default: the run's end)."""
-        end = self.end if end is None else end
-        if self.kind == "instantaneous":
-            return est.predicted_updates(self.points, scale, start, end)
-        return self._count(scale, end) - self._count(scale, start)
-
-    def updates_to_reach(self, scale: float, end: float) -> int:
-        """Whole updates until ``tau >= end``, as AdaScale counts them (``budget_spent``)."""
-        if self.kind == "instantaneous":
-            return math.ceil(est.predicted_updates(self.points, scale, 0.0, end) - 1e-9)
-        return bisect.bisect_left(self.trajectory(scale, end), end) + 1
-
-    def efficiency(self, scale: float, start: float, end: float) -> float:
-        if end <= start:
-            return est.gain_at(self.noise_scale(start, end), scale) / scale
-        return (end - start) / (scale * self.updates(scale, start, end))
-
-    def noise_scale(self, start: float, end: float) -> float:
-        """``var / sqr`` over ``[start, end]``: of the de-averaged interval means, weighted by their
-        overlap (averaging model), or the median logged value (instantaneous model)."""
-        if self.kind == "averaging":
-            var = sqr = 0.0
-            for a, b, v, q in self.intervals:
-                overlap = min(b, end) - max(a, start)
-                if overlap > 0:
-                    var, sqr = var + v * overlap, sqr + q * overlap
-            if var or sqr:
-                return est.noise_scale(var, sqr)
-        inside = [r for t, r in self.points if start <= t <= end]
-        if not inside:
-            inside = [min(self.points, key=lambda p: abs(p[0] - end))[1]]
-        return _median(inside)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-
+# -- the advice per phase ---------------------------------------------------------------------
 def _crossing(efficiencies: list[float], target: float) -> float:
     """The scale of GRID where the efficiency falls to ``target`` (log-linear between grid points)."""
     for k in range(1, len(GRID)):
@@ -503,35 +392,3 @@ def plot_advice(advice: Advice, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="adascale-advisor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("run", help="Trainer output dir, trainer_state.json, or metrics.jsonl (or its dir)")
-    p.add_argument("--base_batch_size", "--base-batch-size", type=float, help="samples per base batch (B0)")
-    p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES))
-    p.add_argument("--phases", type=int, default=4, help="equal slices of tau to report (default 4)")
-    p.add_argument("--smoothing", type=float, help="the run's AdaScale smoothing, if it set one (default 0.999**S)")
-    p.add_argument("--png", help="where to write the PNG (default: adascale_advisor.png next to the logs)")
-    p.add_argument("--no_png", "--no-png", action="store_true")
-    args = p.parse_args(argv)
-    if any(s < 1 for s in args.scales):
-        p.error("scales must be >= 1")
-    try:
-        advice = advise(args.run, args.base_batch_size, args.scales, args.phases, args.smoothing)
-    except (AdvisorError, ValueError) as err:
-        print(f"adascale-advisor: {err}", file=sys.stderr)
-        return 2
-    print(format_report(advice))
-    if not args.no_png:
-        run = Path(args.run)
-        png = Path(args.png) if args.png else (run if run.is_dir() else run.parent) / "adascale_advisor.png"
-        written = plot_advice(advice, png)
-        print(f"plot: {written}" if written else "matplotlib not installed: no PNG (pip install 'adascale-shard[plots]')")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
