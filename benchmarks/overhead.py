@@ -4,6 +4,11 @@ Launch on 2 gloo ranks (one thread each, as torchrun sets)::
 
     DS_ACCELERATOR=cpu .venv/bin/torchrun --nproc_per_node=2 benchmarks/overhead.py --engine ddp --workload gpt2
 
+``--device cuda`` runs the same comparison on GPUs: model and micro-batches on the device, each
+timed update bracketed by ``torch.cuda.synchronize()``, the NCCL backend with one GPU per rank when
+2+ GPUs are visible, else gloo with every rank sharing GPU 0 (NCCL refuses two ranks on one GPU).
+The default ``--device cpu`` is the CPU/gloo run the README's tables were measured with, unchanged.
+
 Both variants (the plain base optimizer, and AdaScale around it; with ``--fairscale`` on DDP also
 fairscale's AdaScale) are built in the same processes from the same weights and timed in
 alternation, update by update (forward + backward for each micro-batch, then ``step``), so
@@ -56,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=240.0)
     p.add_argument("--target-ci", type=float, default=0.02, help="stop when the ratio's 95%% CI is this narrow")
     p.add_argument("--output", default="benchmarks/results/overhead.jsonl")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where model and data live (default cpu)")
     return p.parse_args()
 
 
@@ -76,6 +82,7 @@ class ManySmall(torch.nn.Module):
 
 
 def build_model(workload: str) -> torch.nn.Module:
+    """The workload's model, built on the CPU (the same weights whatever the device)."""
     torch.manual_seed(0)
     if workload in SEQUENCES:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -86,12 +93,17 @@ def build_model(workload: str) -> torch.nn.Module:
     return ManySmall()
 
 
+#: Where the model and the micro-batches live (``--device``); set once in ``main``.
+DEVICE = torch.device("cpu")
+
+
 def micro_batch(workload: str, step: int, rank: int) -> dict:
+    # Drawn on the CPU (the same numbers whatever the device), then moved.
     gen = torch.Generator().manual_seed(10_000 * rank + step)
     if workload in SEQUENCES:
-        ids = torch.randint(1024, (SEQUENCES[workload], 64), generator=gen)
+        ids = torch.randint(1024, (SEQUENCES[workload], 64), generator=gen).to(DEVICE)
         return {"input_ids": ids, "labels": ids}
-    return {"x": torch.randn(16, 32, generator=gen)}
+    return {"x": torch.randn(16, 32, generator=gen).to(DEVICE)}
 
 
 def loss_of(model, batch) -> torch.Tensor:  # noqa: ANN001
@@ -111,8 +123,11 @@ def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
 def make_variant(engine: str, workload: str, kind: str, accumulation: int):
     """``kind`` is "base", "adascale" or "fairscale"; returns (update_fn, adascale_or_None)."""
     model = build_model(workload)
+    if engine in ("ddp", "fsdp2"):
+        model.to(DEVICE)  # before the optimizer, as a training script does (DeepSpeed moves it itself)
     if engine == "ddp":
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        device_ids = [DEVICE.index] if DEVICE.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
         if kind == "adascale":
             opt = AdaScale(base)
@@ -134,11 +149,13 @@ def make_variant(engine: str, workload: str, kind: str, accumulation: int):
         return update, opt if isinstance(opt, AdaScale) else None
 
     if engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))
         for block in blocks_of(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
         opt = AdaScale(base) if kind == "adascale" else base
         if isinstance(opt, AdaScale):
@@ -183,10 +200,18 @@ def make_variant(engine: str, workload: str, kind: str, accumulation: int):
 # ---------------------------------------------------------------------------------------------
 # Measurements.
 # ---------------------------------------------------------------------------------------------
+def synchronize() -> None:
+    """Wait for the device's queued kernels (a no-op on the CPU, where every op is done on return)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(update, step: int) -> float:  # noqa: ANN001
+    synchronize()  # nothing of the previous update still running on the device
     dist.barrier()
     start = time.perf_counter()
     update(step)
+    synchronize()  # the update's kernels are done, not only queued
     dist.barrier()  # the update is over on every rank
     return time.perf_counter() - start
 
@@ -245,14 +270,37 @@ class CollectiveCount:
             setattr(dist, name, original)
 
 
+def setup_device(device: str) -> str:
+    """Set :data:`DEVICE` for this rank and return the process-group backend to use."""
+    global DEVICE
+    if device == "cpu":
+        DEVICE = torch.device("cpu")
+        return "gloo"
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False (a CPU build of torch, or no GPU)")
+    count = torch.cuda.device_count()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    DEVICE = torch.device("cuda", local_rank % count)
+    torch.cuda.set_device(DEVICE)
+    # DeepSpeed's engine places itself on cuda:LOCAL_RANK: name the shared GPU when ranks share one.
+    os.environ["LOCAL_RANK"] = str(DEVICE.index)
+    # NCCL needs a GPU per rank; with one GPU every rank shares it and gloo carries the CUDA tensors.
+    return "nccl" if count >= 2 else "gloo"
+
+
 def main() -> None:
     args = parse_args()
+    backend = setup_device(args.device)
+    if args.device == "cuda":
+        # The process group first, without binding it to a device (DeepSpeed would bind cuda:LOCAL_RANK);
+        # deepspeed.init_distributed below then adopts it.
+        dist.init_process_group(backend)
     if args.engine.startswith("zero"):
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
+        deepspeed.init_distributed(dist_backend=backend)
+    elif args.device == "cpu":
+        dist.init_process_group(backend)
     torch.set_num_threads(1)
     rank = dist.get_rank()
     kinds = ["base", "adascale"] + (["fairscale"] if args.fairscale else [])
@@ -295,7 +343,7 @@ def main() -> None:
         if pairs >= args.min_pairs:
             widths = [hi - lo for _, lo, hi in (ratio_ci(r) for r in ratios.values())]
             # Every rank must take the same decision: rank 0's.
-            done = torch.tensor([float(max(widths) < args.target_ci)])
+            done = torch.tensor([float(max(widths) < args.target_ci)], device=DEVICE if backend == "nccl" else "cpu")
             dist.broadcast(done, 0)
             if done.item():
                 break
@@ -305,6 +353,8 @@ def main() -> None:
         "workload": args.workload,
         "accumulation": args.accumulation,
         "world_size": dist.get_world_size(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(DEVICE),
+        "backend": backend,
         "torch": torch.__version__,
         "adascale_shard": adascale_shard.__version__,
         "pairs": pairs,

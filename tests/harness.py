@@ -9,12 +9,14 @@ What each child does, in order:
 
 1. ``OMP_NUM_THREADS=1`` (set in its environment before it starts) and
    ``torch.set_num_threads(1)``: 2 ranks x 1 thread is the honest setting on a 2-core machine;
-2. ``dist.init_process_group("gloo", init_method="file://<tmpdir>/rendezvous")``;
+2. ``dist.init_process_group("gloo", init_method="file://<tmpdir>/rendezvous")`` (``backend="nccl"``:
+   first ``torch.cuda.set_device(rank % torch.cuda.device_count())``, one GPU per rank);
 3. ``result = fn(rank, world_size, *args)``;
 4. ``torch.save(result)`` to ``result_<rank>.pt`` atomically (temporary name, then
    ``os.replace``), *before* any teardown;
 5. a ``monitored_barrier`` with a short timeout (never an unbounded wait: the other rank may be
-   gone), then ``dist.destroy_process_group()``.
+   gone; under NCCL, which has no ``monitored_barrier``, a plain barrier, bounded by the parent's
+   ``teardown_grace``), then ``dist.destroy_process_group()``.
 
 If ``fn`` raises, the child writes the traceback to ``error_<rank>.txt`` and exits non-zero
 without touching the process group again.
@@ -242,6 +244,7 @@ def _child_main(
     env: dict[str, str],
     pg_timeout_s: float,
     teardown_timeout_s: float,
+    backend: str = "gloo",
 ) -> None:
     os.environ.update(env)  # already set by the parent at spawn time; repeated for clarity
     phase = "set-up"
@@ -253,8 +256,10 @@ def _child_main(
         phase = "unpickling fn and args"
         fn, args = pickle.loads(payload)
         phase = "init_process_group"
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo",
+            backend,
             rank=rank,
             world_size=world_size,
             init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}",
@@ -280,7 +285,10 @@ def _child_main(
     # Teardown. The result is safe on disk; nothing here may wait without a bound.
     exit_code = 0
     try:
-        dist.monitored_barrier(timeout=datetime.timedelta(seconds=teardown_timeout_s))
+        if backend == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=teardown_timeout_s))
+        else:
+            dist.barrier()
     except Exception as err:  # noqa: BLE001
         sys.stderr.write(f"[harness rank {rank}] teardown barrier failed: {err!r}\n")
         exit_code = TEARDOWN_EXIT_CODE
@@ -361,6 +369,7 @@ def run_distributed(
     failure_grace: float = 5.0,
     teardown_grace: float = 30.0,
     keep_files: bool | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results.
 
@@ -381,6 +390,8 @@ def run_distributed(
             files) when the launch fails, and name it in the error. Default: the environment
             variable ``ADASCALE_HARNESS_KEEP_FILES=1``; otherwise it is always removed (the
             tracebacks are in the error message anyway).
+        backend (str): the process group's backend, ``"gloo"`` (default) or ``"nccl"`` (one GPU
+            per rank: rank ``r`` uses ``cuda:r % device_count`` before the group is made).
 
     Returns:
         The results, in rank order.
@@ -413,7 +424,7 @@ def run_distributed(
             for rank in range(world_size):
                 process = ctx.Process(
                     target=_child_main,
-                    args=(rank, world_size, tmpdir, payload, child_env, pg_timeout_s, teardown_timeout_s),
+                    args=(rank, world_size, tmpdir, payload, child_env, pg_timeout_s, teardown_timeout_s, backend),
                     name=f"harness-rank{rank}",
                 )
                 process.start()
