@@ -1,4 +1,5 @@
-"""Capture of local micro-gradient statistics with gradient-accumulator hooks.
+"""Capture of local micro-gradient statistics with tensor hooks: the hooks, pass counting and the
+micro-gradient sums, the same on every engine.
 
 A tensor hook on a parameter (``Tensor.register_hook``) sees the gradient that one backward pass
 contributes to it, before it is accumulated into ``.grad`` and before DDP or DeepSpeed reduce it
@@ -13,105 +14,49 @@ gradient-sized buffer inside backward.
 
 Backward passes are counted by the capture itself (a pass opens at its first hook and closes in
 a callback queued on the autograd engine), so frozen or unused parameters do not change the
-count. ``||G||^2`` is the pre-clip norm of the reduced gradient: replicated gradients are measured
-at ``step()`` (a uniform clip or unscale in between is recovered from probe gradients recorded
-when the last pass closed); sharded ones when the last pass closes, after the reduction. Either
-way each rank reads only its part of the gradient: its shard, or on ranks that hold the same
-replicated gradient (DDP) a share of the tensors (:func:`replica_share`); the parts' squares are
-summed in the optimizer's one all-reduce.
+count. Where ``||G||^2`` comes from is the engine's business (:mod:`adascale_shard.engines`): the
+capture tells its engine when a pass closes and when a window ends.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from torch.autograd import Variable
 
-__all__ = ["MicroGradCapture", "grad_sqr_norms", "local_shard", "replica_share"]
+from . import _compat
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engines import Engine
+
+__all__ = ["MicroGradCapture"]
 
 logger = logging.getLogger(__name__)
 
 
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     # Reduce half-precision gradients in float32; never narrow float64.
     return torch.promote_types(dtype, torch.float32)
 
 
 def _slot_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else _norm_dtype(dtype)
+    return dtype if dtype in (torch.float32, torch.float64) else norm_dtype(dtype)
 
 
 _MAX_SLOTS_PER_CHUNK = 256  # norm slots allocated together when their number is not known ahead
 
 
-def local_shard(grad: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor gradient (FSDP2), or the tensor itself."""
-    # DTensor.to_local() is an autograd Function (12 us a call here, 0.6 ms per update on a
-    # 52-tensor GPT-2); the shard it returns is the DTensor's _local_tensor, read directly.
-    local = getattr(grad, "_local_tensor", None)
-    if isinstance(local, torch.Tensor):
-        return local
-    return grad.to_local() if hasattr(grad, "to_local") else grad
-
-
-def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """Squared norm of the ``.grad`` of each group, as a float64 tensor on ``device``.
-
-    Uses ``torch._foreach_norm`` (one fused kernel per dtype) and never synchronises the host.
-    """
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    out = []
-    for params in groups:
-        # A DTensor (FSDP2) contributes its local shard; the shards are summed over ranks.
-        grads = [p.grad for p in params]
-        grads = [g if type(g) is torch.Tensor else local_shard(g) for g in grads if g is not None]
-        dtypes = {g.dtype for g in grads}
-        norms = []
-        for dtype in dtypes:
-            same = grads if len(dtypes) == 1 else [g for g in grads if g.dtype == dtype]
-            norms += torch._foreach_norm(same, 2, dtype=_norm_dtype(dtype))
-        if norms:
-            if len(dtypes) > 1:
-                norms = [n.to(torch.float64) for n in norms]
-            norms = torch.stack(norms).to(device=device, dtype=torch.float64)
-            out.append(torch.dot(norms, norms))
-        else:
-            out.append(zero)
-    return torch.stack(out)
-
-
-def replica_share(groups: Sequence[Sequence[torch.Tensor]], rank: int, ranks: int) -> list[list[torch.Tensor]]:
-    """The tensors of each group whose squared norms ``rank`` of ``ranks`` measures, when every
-    rank holds the same gradients: the whole model dealt out largest first, each tensor to the rank
-    with the fewest elements so far, so that each reads about ``1/ranks`` of the gradient. Every
-    rank computes the same deal from the same shapes; the shares' squares add up to ``||G||^2``."""
-    share: list[list[torch.Tensor]] = [[] for _ in groups]
-    loads = [0] * ranks
-    # Frozen tensors are dealt too (their .grad is None until they are unfrozen): as before the deal.
-    tensors = [(p.numel(), g, i) for g, params in enumerate(groups) for i, p in enumerate(params)]
-    for numel, g, i in sorted(tensors, key=lambda t: (-t[0], t[1], t[2])):
-        owner = min(range(ranks), key=loads.__getitem__)  # the first rank among equals: deterministic
-        loads[owner] += numel
-        if owner == rank:
-            share[g].append(groups[g][i])
-    return share
-
-
-def _one_replica() -> tuple[int, int]:
-    return 0, 1
-
-
 def _accumulates_into_grad() -> bool:
     """Whether the backward pass running this hook will add into ``.grad``: ``backward()`` does,
     ``torch.autograd.grad()`` (gradient penalties, norm probes) does not and is no micro-batch."""
-    node = torch._C._current_autograd_node()
+    node = _compat.current_autograd_node()
     if node is None:
         return True
     try:
-        return torch._C._will_engine_execute_node(node)
+        return _compat.will_engine_execute_node(node)
     except RuntimeError:  # torch refuses the question for a leaf's node inside autograd.grad()
         return False
 
@@ -150,39 +95,20 @@ class MicroGradCapture:
 
     Args:
         groups: the parameters of each optimizer parameter group; those that require gradients
-            get a hook, and their ``.grad`` gives ``||G||^2``.
-        hook: ``False`` registers no hook; an engine module then hooks the tensors that really
+            get a hook (their ``.grad`` is what the engine reads ``||G||^2`` from).
+        hook: ``False`` registers no hook; the engine then hooks the tensors that really
             receive the local micro-gradients with :meth:`hook_parameter` (FSDP2's unsharded
             parameters).
 
     Attributes:
-        sharded_grads (bool): ``False`` when every rank holds the full averaged ``.grad`` (one
-            process, DDP): ``||G||^2`` is then taken from one rank. ``True`` when each rank holds
-            a shard (FSDP2, ZeRO): the per-rank squares are summed over ranks.
-        snapshot_on_close (bool): take ``||G||^2`` from the ``.grad`` of ``groups`` when a pass
-            closes (default). An engine that reduces gradients after autograd returns (DeepSpeed)
-            turns it off and supplies the value with :meth:`snapshot_grad_sqr` or ``grad_sqr_fn``.
-        detect_reset (bool): drop a window whose ``.grad`` was reset before the next pass
-            (default). An engine that frees or moves ``.grad`` itself after every pass (ZeRO)
-            turns it off and ends skipped windows itself.
-        grad_sqr_fn: if set, called at ``step()`` to give ``||G||^2`` per group (float64 tensor).
-        loss_scale (float): the factor the loss was multiplied by in this window's backward
-            passes (an fp16 loss scale); the hooked squares are divided by its square, so they
-            are in the units of an unscaled ``||G||^2``.
-        replicas: returns ``(rank, ranks)`` of the processes whose ``.grad`` are replicas of each
-            other (the optimizer's process group); with ``ranks > 1`` and replicated gradients,
-            each rank measures only :func:`replica_share` of ``||G||^2``.
+        engine: told when a pass closes and when a window ends; its ``detects_reset`` says whether
+            a window whose ``.grad`` was reset before the next pass is dropped. Set by the optimizer
+            (``None``: the capture alone, resets detected).
     """
 
     def __init__(self, groups: Sequence[Sequence[torch.Tensor]], *, hook: bool = True) -> None:
         self.groups: list[list[torch.Tensor]] = []
-        self.sharded_grads = False
-        self.snapshot_on_close = True
-        self.detect_reset = True
-        self.grad_sqr_fn: Callable[[], torch.Tensor] | None = None
-        self.loss_scale = 1.0
-        self.replicas: Callable[[], tuple[int, int]] = _one_replica
-        self._share: tuple[tuple, list[list[torch.Tensor]]] | None = None  # (its key, the share)
+        self.engine: Engine | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.device: torch.device | None = None
         self._micro_sqr: torch.Tensor | None = None
@@ -195,7 +121,6 @@ class MicroGradCapture:
         self._slots_ahead: dict[tuple[torch.device, torch.dtype], int] = {}  # hooks still to come
         self._micro_sqr_stale = False
         self._group_of: list[int] = []  # a hook's group -> its statistics group (merge_groups)
-        self._grad_sqr: torch.Tensor | None = None
         self.passes = 0
         self.dropped_windows = 0
         self._pass_open = False
@@ -207,9 +132,6 @@ class MicroGradCapture:
         self._sentinel: tuple[weakref.ref, weakref.ref, int] | None = None
         self._warned_reentrant = False
         self._warned_split = False
-        self._warned_modified = False
-        self._deferred: tuple | None = None
-        self._probe_params: list[torch.Tensor] = []  # the smallest trainable parameters
         for params in groups:
             self.add_group(params, hook=hook)
 
@@ -230,11 +152,8 @@ class MicroGradCapture:
                 self.device = p.device
             if hook and p.requires_grad:
                 self.hook_parameter(p, index)
-        trainable = [p for params_ in self.groups for p in params_ if p.requires_grad]
-        self._probe_params = sorted(trainable, key=lambda p: p.numel())[:4]
         if self.device is not None:
             self._micro_sqr = self._grow(self._micro_sqr)
-            self._grad_sqr = self._grow(self._grad_sqr)
         self._group_of.append(index)
 
     def merge_groups(self) -> None:
@@ -246,7 +165,6 @@ class MicroGradCapture:
         self._group_of = [0] * len(self._group_of)
         self._micro_sqr = self._grow(None)
         self._micro_sqr_stale = True
-        self._grad_sqr = self._grow(None)
         for chunk in self._chunks:
             chunk.index = None
 
@@ -289,8 +207,6 @@ class MicroGradCapture:
     def _move_statistics(self, device: torch.device) -> None:
         self.device = device
         self._micro_sqr = self._micro_sqr.to(device)
-        self._grad_sqr = self._grad_sqr.to(device)
-        self._share = None
         for chunk in self._chunks:
             chunk.index = None
 
@@ -328,7 +244,7 @@ class MicroGradCapture:
         capture = self
         vector_norm = torch.linalg.vector_norm
         hypot = torch.hypot
-        graph_task_id = torch._C._current_graph_task_id
+        graph_task_id = _compat.current_graph_task_id()
 
         def hook(grad):
             nonlocal slot, chunk, norm_dtype, grad_dtype
@@ -408,7 +324,7 @@ class MicroGradCapture:
         )
 
     def _open_pass(self, task_id: int) -> None:
-        if self.detect_reset and self.passes > 0 and self._grads_were_reset():
+        if (self.engine is None or self.engine.detects_reset) and self.passes > 0 and self._grads_were_reset():
             self.dropped_windows += 1
             logger.info(
                 "AdaScale: the gradients were reset without a step() after %d backward pass(es) (a "
@@ -422,10 +338,10 @@ class MicroGradCapture:
         self._pass_task_id = task_id
         # Queued on this backward's graph task; it queues the closing step again so that it runs
         # after the callbacks engines queue later in the same backward (DDP's reduction).
-        Variable._execution_engine.queue_callback(self._queue_close_pass)
+        _compat.queue_callback(self._queue_close_pass)
 
     def _queue_close_pass(self) -> None:
-        Variable._execution_engine.queue_callback(self._close_pass)
+        _compat.queue_callback(self._close_pass)
 
     def _close_pass(self) -> None:
         self.passes += 1
@@ -440,11 +356,8 @@ class MicroGradCapture:
             chunk.sqr.addcmul_(chunk.norms, chunk.norms)
             chunk.norms.zero_()
         self._micro_sqr_stale = True
-        if self.snapshot_on_close:
-            if self.sharded_grads or any(hasattr(p.grad, "to_local") for p in self._probe_params):
-                self.snapshot_grad_sqr()  # shards: the probes' local norms could be empty on a rank
-            else:
-                self._defer_grad_sqr()
+        if self.engine is not None:
+            self.engine.on_pass_closed(self)
         owner_ref, self._last_owner = self._last_owner, None
         param = None if owner_ref is None else owner_ref()
         if param is not None and param.grad is not None:
@@ -474,113 +387,6 @@ class MicroGradCapture:
                 self._micro_sqr.index_add_(0, chunk.index, chunk.sqr.to(self.device))
         return self._micro_sqr
 
-    @property
-    def grad_sqr(self) -> torch.Tensor:
-        """Per-group ``||G||^2`` of this update, or this rank's part of it (see :attr:`grad_sqr_is_part`).
-
-        Where the gradients may have been clipped or unscaled after the last backward pass, this
-        is the value at ``step()``; :meth:`take_grad_sqr` also returns what recovers the pre-clip one.
-        """
-        value, probes = self.take_grad_sqr()
-        if probes.numel():  # a host sync: step() reads the probes with the statistics instead
-            self._grad_sqr = value = value * self.unclip_factor(probes.tolist())
-        return value
-
-    def take_grad_sqr(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``||G||^2`` per group (or this rank's part), and the probe norms (before, then now) that
-        :meth:`unclip_factor` turns into the factor that undoes a clip or unscale since the last
-        pass. Both stay on the device: the caller reads them in the update's one host sync."""
-        none = torch.zeros(0, dtype=torch.float64, device=self.device)
-        if self.grad_sqr_fn is not None:
-            return self.grad_sqr_fn(), none
-        if self._deferred is None:
-            return self._grad_sqr, none
-        probe_pairs, probe_norms, fingerprint = self._deferred
-        self._deferred = None
-        self._grad_sqr = self._measure_grad_sqr()
-        if probe_norms is None:
-            if self._fingerprint() != fingerprint:
-                self._warn_modified("a gradient was replaced or removed")
-            return self._grad_sqr, none
-        if any(p.grad is not g for p, g in probe_pairs):
-            self._warn_modified("a gradient was replaced or removed")
-            return self._grad_sqr, none
-        # Version counters miss some in-place kernels (GradScaler's unscale), so the probes decide.
-        now = torch._foreach_norm([g for _, g in probe_pairs])
-        probes = torch.stack([*probe_norms, *now]).to(device=self.device, dtype=torch.float64)
-        return self._grad_sqr, probes
-
-    def unclip_factor(self, probes: Sequence[float]) -> float:
-        """What ``||G||^2`` read at ``step()`` is multiplied by to be the pre-clip value, from the
-        probe norms of :meth:`take_grad_sqr` (read on the host): 1 when nothing changed."""
-        if not probes:
-            return 1.0
-        half = len(probes) // 2
-        ratios = [(a / b) ** 2 for a, b in zip(probes[:half], probes[half:]) if b > 0 and a > 0]
-        if not ratios:
-            if not self._warned_modified:
-                self._warned_modified = True
-                logger.warning(
-                    "AdaScale: the probe gradients (the smallest parameters') are zero, so a clip or "
-                    "unscale between the last backward pass and step() cannot be recovered; ||G||^2 "
-                    "is taken as it is at step()"
-                )
-            return 1.0
-        if max(ratios) - min(ratios) > 1e-4 * max(ratios):
-            self._warn_modified("they were not scaled by one common factor")
-            return 1.0
-        factor = sum(ratios) / len(ratios)
-        return 1.0 if abs(factor - 1.0) < 1e-6 else factor
-
-    @property
-    def grad_sqr_is_part(self) -> bool:
-        """Whether :attr:`grad_sqr` is this rank's part of ``||G||^2``, to be summed over the ranks:
-        its shard (``sharded_grads``) or its share of replicated gradients."""
-        return self.grad_sqr_fn is None and (self.sharded_grads or self.replicas()[1] > 1)
-
-    def snapshot_grad_sqr(self) -> None:
-        """Take ``||G||^2`` from the ``.grad`` of the groups now (no host synchronisation)."""
-        self._deferred = None
-        self._grad_sqr = self._measure_grad_sqr()
-
-    def _measure_grad_sqr(self) -> torch.Tensor:
-        groups = self.groups
-        if not self.sharded_grads:
-            rank, ranks = self.replicas()
-            if ranks > 1:
-                # A group list replaced or grown (add_group, merge_groups) is dealt anew.
-                key = (rank, ranks, tuple((id(params), len(params)) for params in groups))
-                if self._share is None or self._share[0] != key:
-                    self._share = (key, replica_share(groups, rank, ranks))
-                groups = self._share[1]
-        return grad_sqr_norms(groups, self.device)
-
-    # ``||G||^2`` of replicated gradients is needed once per update, but which backward pass is
-    # the last one is only known at step(). So a closing pass records where each gradient stands
-    # (identity and version counter) and the norms of two small "probe" gradients, and step()
-    # takes the norm. If the gradients were scaled in between (clip_grad_norm_,
-    # GradScaler.unscale_: one factor for all), the probes give the factor back.
-    def _defer_grad_sqr(self) -> None:
-        probe_pairs = [(p, p.grad) for p in self._probe_params if p.grad is not None][:2]
-        if probe_pairs:
-            # One fused kernel; the norms are compared (on the host) only at step().
-            self._deferred = (probe_pairs, torch._foreach_norm([g for _, g in probe_pairs]), None)
-        else:  # no probe gradient: fall back to noticing any change, to warn about it
-            self._deferred = ([], None, self._fingerprint())
-
-    def _fingerprint(self) -> list:
-        return [None if g is None else (id(g), g._version) for g in (p.grad for ps in self.groups for p in ps)]
-
-    def _warn_modified(self, why: str) -> None:
-        if not self._warned_modified:
-            self._warned_modified = True
-            logger.warning(
-                "AdaScale: the gradients changed between the last backward pass and step() and %s; "
-                "||G||^2 is taken as it is at step(). Clipping with clip_grad_norm_ and unscaling with "
-                "a GradScaler are recognised; other in-place changes make the gain approximate.",
-                why,
-            )
-
     def reset(self) -> None:
         """Start a new window (the optimizer calls this when an update consumes one)."""
         self.passes = 0
@@ -593,4 +399,5 @@ class MicroGradCapture:
         self._micro_sqr.zero_()
         self._micro_sqr_stale = False
         self._sentinel = None
-        self._deferred = None
+        if self.engine is not None:
+            self.engine.end_window()

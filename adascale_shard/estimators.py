@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "Estimate",
@@ -29,6 +30,8 @@ __all__ = [
     "clamp_averages",
     "gain",
     "noise_scale",
+    "Estimator",
+    "STATE_FORMAT_VERSION",
 ]
 
 DEFAULT_MIN_RELATIVE_VAR = 1e-6
@@ -129,3 +132,156 @@ def noise_scale(grad_var: float, grad_sqr: float) -> float:
     if grad_sqr <= 0.0:
         return math.inf
     return max(grad_var, 0.0) / grad_sqr
+
+
+STATE_FORMAT_VERSION = 2  # 2: one average weight per group (1: one for the model)
+
+
+class Estimator:
+    """AdaScale's estimator, torch-free: the per-group averages, the gain, ``tau`` and counters.
+
+    Fed once per update with the normalised statistics (:meth:`update`), it keeps the
+    bias-corrected exponential averages of the unbiased ``var`` and ``sqr`` estimates per group,
+    each with its own weight (a group added later starts from its own first estimate), the gain
+    from the clamped averages, and ``tau`` advanced by the gain of every applied update.
+
+    Args:
+        num_groups: statistics groups (parameter groups, or one for an engine's whole-model norm).
+        min_relative_var: floor of the variance relative to the squared norm.
+    """
+
+    def __init__(self, num_groups: int, min_relative_var: float = DEFAULT_MIN_RELATIVE_VAR) -> None:
+        self.min_relative_var = min_relative_var
+        self.tau = 0.0
+        self.gain = 1.0
+        self.updates = 0
+        self.nonfinite_updates = 0
+        self.last_nonfinite = False
+        self.num_micro = 0
+        self.scale = 1.0
+        self.grad_var_avg = [0.0] * num_groups
+        self.grad_sqr_avg = [0.0] * num_groups
+        self.avg_weights = [0.0] * num_groups
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.grad_var_avg)
+
+    def add_group(self) -> None:
+        self.grad_var_avg.append(0.0)
+        self.grad_sqr_avg.append(0.0)
+        self.avg_weights.append(0.0)
+
+    def reset_groups(self, num_groups: int) -> None:
+        """Restart the averages with ``num_groups`` groups (an engine regrouped the statistics)."""
+        self.grad_var_avg = [0.0] * num_groups
+        self.grad_sqr_avg = [0.0] * num_groups
+        self.avg_weights = [0.0] * num_groups
+
+    def update(
+        self, micro_sqr_mean: list[float], grad_sqr: list[float], num_micro: int, scale: float, smoothing: float | None
+    ) -> bool:
+        """Fold one update's statistics in and set the gain; ``False`` if they were not finite
+        (then the averages are unchanged). ``micro_sqr_mean`` and ``grad_sqr`` are per group, in
+        the units of the applied gradient; ``num_micro >= 2``."""
+        self.num_micro, self.scale = num_micro, scale
+        self.last_nonfinite = not all(math.isfinite(v) for v in [*micro_sqr_mean, *grad_sqr])
+        if self.last_nonfinite:
+            self.nonfinite_updates += 1
+        else:
+            if smoothing is None:
+                smoothing = default_smoothing(scale)
+            for index in range(self.num_groups):
+                est = estimate(micro_sqr_mean[index], grad_sqr[index], num_micro, scale)
+                weight = self.avg_weights[index]
+                self.grad_var_avg[index], _ = ema_update(self.grad_var_avg[index], weight, est.grad_var, smoothing)
+                self.grad_sqr_avg[index], self.avg_weights[index] = ema_update(
+                    self.grad_sqr_avg[index], weight, est.grad_sqr, smoothing
+                )
+        self.gain = gain(*self.averages(range(self.num_groups)), scale)
+        return not self.last_nonfinite
+
+    def no_variance_update(self, num_micro: int, scale: float) -> None:
+        """An update of one micro-gradient (``N = 1``, ``S = 1``): nothing to estimate, gain 1."""
+        self.num_micro, self.scale = num_micro, scale
+        self.gain = 1.0
+
+    def advance(self) -> None:
+        """An update was applied at the current gain: ``tau`` moves on by it."""
+        self.tau += self.gain
+        self.updates += 1
+
+    def averages(self, groups) -> tuple[float, float]:
+        """The clamped ``(var, sqr)`` of the given groups, summed."""
+        indices = [i for i in groups if self.avg_weights[i] > 0.0]  # a group with no estimate yet adds 0
+        var = sum(self.grad_var_avg[i] / self.avg_weights[i] for i in indices)
+        sqr = sum(self.grad_sqr_avg[i] / self.avg_weights[i] for i in indices)
+        return clamp_averages(var, sqr, self.min_relative_var)
+
+    def stats(self) -> dict[str, float]:
+        """The whole model's ``gain, tau, var, sqr, noise_scale, efficiency, N, S``, the counters,
+        and ``group{i}/var, sqr, gain`` per group."""
+        var, sqr = self.averages(range(self.num_groups))
+        out = {
+            "gain": self.gain,
+            "tau": self.tau,
+            "var": var,
+            "sqr": sqr,
+            "noise_scale": var / sqr if sqr > 0 else math.inf,
+            "efficiency": self.gain / self.scale,
+            "N": float(self.num_micro),
+            "S": float(self.scale),
+            "updates": float(self.updates),
+            "nonfinite_updates": float(self.nonfinite_updates),
+            "last_update_nonfinite": float(self.last_nonfinite),
+        }
+        for index in range(self.num_groups):
+            g_var, g_sqr = self.averages([index])
+            out[f"group{index}/var"] = g_var
+            out[f"group{index}/sqr"] = g_sqr
+            out[f"group{index}/gain"] = gain(g_var, g_sqr, self.scale)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """``format_version, tau, gain, updates, nonfinite_updates``, the per-group un-normalised
+        averages ``grad_var_avg, grad_sqr_avg`` and their weights ``avg_weights``, the last
+        ``num_micro`` and ``scale``."""
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "tau": self.tau,
+            "gain": self.gain,
+            "updates": self.updates,
+            "nonfinite_updates": self.nonfinite_updates,
+            "grad_var_avg": list(self.grad_var_avg),
+            "grad_sqr_avg": list(self.grad_sqr_avg),
+            "avg_weights": list(self.avg_weights),
+            "num_micro": self.num_micro,
+            "scale": self.scale,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` (format 2, or format 1 with one model-wide weight)."""
+        version = saved.get("format_version")
+        if version == 1:  # one model-wide average weight: every group had it
+            saved = {**saved, "avg_weights": [saved["avg_weight"]] * len(saved["grad_var_avg"])}
+        elif version != STATE_FORMAT_VERSION:
+            raise ValueError(
+                f"AdaScale state format_version {version!r} is not supported by this version "
+                f"(reads 1 and {STATE_FORMAT_VERSION}): load it with the adascale-shard release that "
+                "saved it"
+            )
+        if len(saved["grad_var_avg"]) != self.num_groups:
+            raise ValueError(
+                f"AdaScale state has {len(saved['grad_var_avg'])} parameter groups but the "
+                f"optimizer has {self.num_groups}: build the optimizer with the same groups as the run "
+                "that saved it"
+            )
+        self.tau = float(saved["tau"])
+        self.gain = float(saved["gain"])
+        self.updates = int(saved["updates"])
+        self.nonfinite_updates = int(saved["nonfinite_updates"])
+        self.grad_var_avg = [float(v) for v in saved["grad_var_avg"]]
+        self.grad_sqr_avg = [float(v) for v in saved["grad_sqr_avg"]]
+        self.avg_weights = [float(w) for w in saved["avg_weights"]]
+        self.num_micro = int(saved["num_micro"])
+        self.scale = float(saved["scale"])

@@ -16,13 +16,14 @@ from . import estimators
 from .capture import MicroGradCapture
 from .config import AdaScaleConfig
 from .distributed import rank_and_world_size, start_all_reduce_sum, world_size
+from .engines import Engine, select_engine
+from .estimators import STATE_FORMAT_VERSION, Estimator
 
 __all__ = ["AdaScale", "resolve_optimizer_class", "STATE_DICT_KEY", "STATE_FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 STATE_DICT_KEY = "adascale"
-STATE_FORMAT_VERSION = 2  # 2: one average weight per group (1: one for the model)
 
 
 def _torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
@@ -56,6 +57,37 @@ def resolve_optimizer_class(optimizer: str | type[torch.optim.Optimizer]) -> typ
     )
 
 
+def build_base_optimizer(optimizer: Any, base_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """The base optimizer: ``optimizer`` itself, or built from parameters and a ``torch.optim`` name."""
+    if isinstance(optimizer, AdaScale):
+        raise TypeError("AdaScale cannot wrap another AdaScale: wrap the base optimizer once")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if base_kwargs:
+            raise TypeError(
+                f"AdaScale got base-optimizer arguments {sorted(base_kwargs)} together with an "
+                "optimizer instance: set them on the instance, or pass the parameters first "
+                "and name the base optimizer with optimizer='SGD'"
+            )
+        return optimizer
+    if isinstance(optimizer, torch.Tensor):
+        raise TypeError(
+            "AdaScale's first argument must be an optimizer or an iterable of parameters, got a "
+            "single tensor: pass [tensor] or model.parameters()"
+        )
+    base = base_kwargs.pop("optimizer", "SGD")
+    cls = resolve_optimizer_class(base)
+    try:
+        return cls(optimizer, **base_kwargs)
+    except (TypeError, ValueError, IndexError, KeyError) as err:
+        # A bad value (betas=[] from a JSON block) can fail anywhere inside the constructor.
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(
+            f"AdaScale could not build the base optimizer {cls.__name__} with "
+            f"{sorted(base_kwargs)}: {type(err).__name__}: {err}. Check the base optimizer's "
+            f"arguments (AdaScale's own are {list(AdaScaleConfig.field_names())})"
+        ) from err
+
+
 class AdaScale(torch.optim.Optimizer):
     r"""AdaScale: scales the learning rate of any optimizer by the gain estimated each update.
 
@@ -79,31 +111,9 @@ class AdaScale(torch.optim.Optimizer):
     schedulers, ``GradScaler`` and engines see one optimizer. ``group["lr"]`` stays the user's:
     the gain multiplies it only while the base ``step()`` runs.
 
-    **Update protocol.**
-
-    * Hooks on the parameters record every backward pass. The statistics of an update are
-      computed once, at the first ``step()`` after new backward passes, with one all-reduce of a
-      few scalars; ``tau`` then advances by the gain. Further ``step()`` calls with no new backward
-      pass (ZeRO calls ``step()`` once per parameter group; torch's distributed checkpoint calls it
-      with zero gradients to build state) run the base step with the same gain and change nothing
-      of AdaScale's state.
-    * The update window is delimited by backward passes, not by who calls ``zero_grad``
-      (``model.zero_grad()``, as the HF Trainer does, is fine). If the gradients are reset without
-      a ``step()`` (a step that the user or a ``GradScaler`` skipped), that window's statistics are
-      dropped when the next backward pass starts: ``tau`` and the averages stay untouched.
-    * A window whose statistics are not finite (inf/NaN in any micro-gradient) is never folded
-      into the averages; the update is flagged in :meth:`stats` and a warning is logged once.
-    * A ``step()`` that finds non-zero gradients before any backward pass was recorded raises
-      ``RuntimeError``: gradients assigned to ``.grad`` directly (``torch.autograd.grad``,
-      ``torch.func``) never pass the hooks, and on FSDP2 ``attach(model)`` was not called.
-    * ``||G||^2`` is the pre-clip norm of the reduced gradient: replicated gradients (one process,
-      DDP) are measured at ``step()``, with a clip or unscale in between (one factor for every
-      gradient) recovered from two probe gradients recorded when the last pass ended; FSDP2 shards
-      are measured when the last pass ends. Clipping between backward and ``step()`` does not
-      change the statistics. Each rank measures its part (its shard, or on DDP its share of the
-      tensors) and the parts are summed in the update's one all-reduce.
-    * One micro-gradient per update (one rank, no accumulation) carries no variance information:
-      with ``scale=None`` (``S = N = 1``) the gain is 1; an explicit ``scale > 1`` then raises.
+    The update protocol (one statistics computation per update, windows delimited by backward
+    passes, skipped and non-finite updates, the pre-clip ``||G||^2``, ``N = 1``) is described in
+    ``docs/algorithm.md#the-update-protocol``.
 
     Args:
         optimizer (positional): a ``torch.optim.Optimizer`` to wrap, or the parameters (an
@@ -127,7 +137,7 @@ class AdaScale(torch.optim.Optimizer):
 
         >>> model = torch.nn.Linear(10, 1)
         >>> opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-        >>> sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.StepLR(opt, 100))
+        >>> sched = follow_tau(torch.optim.lr_scheduler.StepLR(opt, 100), opt)
         >>> while not opt.budget_spent(1000):
         ...     for micro_batch in split(next(batches), 4):   # 4 micro-gradients: S = 4
         ...         (loss_fn(model, micro_batch) / 4).backward()
@@ -155,7 +165,7 @@ class AdaScale(torch.optim.Optimizer):
         self.config = AdaScaleConfig(
             scale=scale, smoothing=smoothing, lr_scaling=lr_scaling, min_relative_var=min_relative_var
         )
-        self.optimizer = self._build_base(optimizer, base_kwargs)
+        self.optimizer = build_base_optimizer(optimizer, base_kwargs)
         # The hook tables that torch.optim.Optimizer.__init__ would create; the parameters and
         # their state live in the wrapped optimizer, so its __init__ is not called.
         self.defaults = self.optimizer.defaults
@@ -170,66 +180,25 @@ class AdaScale(torch.optim.Optimizer):
 
         self.process_group = process_group
         self._grad_scaler: Any = None
-        self._fsdp2_hooks = None  # set by attach(model) on FSDP2
         self._seen_backward = False
-        self._regrouped = False  # set when an engine replaced the capture (DeepSpeed ZeRO)
-        from .fsdp2 import build_capture, has_dtensor_params
-
-        if has_dtensor_params(self.optimizer.param_groups):
-            # FSDP2's sharded DTensor parameters never see a gradient hook fire: no hooks here,
-            # the unsharded parameters are hooked by attach(model); ||G||^2 is summed over ranks.
-            self._capture = build_capture(self.optimizer.param_groups)
-        else:
-            self._capture = MicroGradCapture([g["params"] for g in self.optimizer.param_groups])
-        self._capture.replicas = self._rank_and_world_size
-        if self._capture.num_hooks == 0 and not self._capture.sharded_grads:
+        self._regrouped = False  # an engine merged the statistics into one group (DeepSpeed's wrappers)
+        self._warned_nonfinite = False
+        self._engine: Engine = select_engine(self.optimizer.param_groups, self._rank_and_world_size)
+        self._capture = self._new_capture()
+        if self._capture.num_hooks == 0 and self._engine.hooks_parameters:
             raise ValueError(
                 "AdaScale found no parameter that requires a gradient in the optimizer's "
                 "param_groups: unfreeze the parameters before building the optimizer"
             )
-        num_groups = len(self.optimizer.param_groups)
-        self._tau = 0.0
-        self._gain = 1.0
-        self._updates = 0
-        self._nonfinite_updates = 0
-        self._last_nonfinite = False
-        self._warned_nonfinite = False
-        self._grad_var_avg = [0.0] * num_groups
-        self._grad_sqr_avg = [0.0] * num_groups
-        # One weight per group: a group added later is debiased from its own first estimate.
-        self._avg_weights = [0.0] * num_groups
-        self._num_micro = 0
-        self._scale = float(scale) if scale is not None else 1.0
+        self._estimator = Estimator(len(self.optimizer.param_groups), min_relative_var)
+        self._estimator.scale = float(scale) if scale is not None else 1.0
 
-    @staticmethod
-    def _build_base(optimizer: Any, base_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
-        if isinstance(optimizer, AdaScale):
-            raise TypeError("AdaScale cannot wrap another AdaScale: wrap the base optimizer once")
-        if isinstance(optimizer, torch.optim.Optimizer):
-            if base_kwargs:
-                raise TypeError(
-                    f"AdaScale got base-optimizer arguments {sorted(base_kwargs)} together with an "
-                    "optimizer instance: set them on the instance, or pass the parameters first "
-                    "and name the base optimizer with optimizer='SGD'"
-                )
-            return optimizer
-        if isinstance(optimizer, torch.Tensor):
-            raise TypeError(
-                "AdaScale's first argument must be an optimizer or an iterable of parameters, got a "
-                "single tensor: pass [tensor] or model.parameters()"
-            )
-        base = base_kwargs.pop("optimizer", "SGD")
-        cls = resolve_optimizer_class(base)
-        try:
-            return cls(optimizer, **base_kwargs)
-        except (TypeError, ValueError, IndexError, KeyError) as err:
-            # A bad value (betas=[] from a JSON block) can fail anywhere inside the constructor.
-            kind = TypeError if isinstance(err, TypeError) else ValueError
-            raise kind(
-                f"AdaScale could not build the base optimizer {cls.__name__} with "
-                f"{sorted(base_kwargs)}: {type(err).__name__}: {err}. Check the base optimizer's "
-                f"arguments (AdaScale's own are {list(AdaScaleConfig.field_names())})"
-            ) from err
+    def _new_capture(self) -> MicroGradCapture:
+        capture = MicroGradCapture(
+            [g["params"] for g in self.optimizer.param_groups], hook=self._engine.hooks_parameters
+        )
+        capture.engine = self._engine
+        return capture
 
     # -- the base optimizer's groups and state, shared ----------------------------------------
     @property
@@ -255,13 +224,8 @@ class AdaScale(torch.optim.Optimizer):
                 "statistics (DeepSpeed ZeRO): add the group before deepspeed.initialize"
             )
         self.optimizer.add_param_group(param_group)
-        from .fsdp2 import has_dtensor_params
-
-        new_group = self.optimizer.param_groups[-1]
-        self._capture.add_group(new_group["params"], hook=not has_dtensor_params([new_group]))
-        self._grad_var_avg.append(0.0)
-        self._grad_sqr_avg.append(0.0)
-        self._avg_weights.append(0.0)
+        self._capture.add_group(self.optimizer.param_groups[-1]["params"], hook=self._engine.hooks_parameters)
+        self._estimator.add_group()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -277,12 +241,11 @@ class AdaScale(torch.optim.Optimizer):
         hooked, so the hooks attach during the first forward and survive a later swap of the
         optimizer's parameters. A ``step()`` that finds FSDP2 gradients but no recorded backward
         pass (``attach`` never called) raises ``RuntimeError``. Returns the hooks' handle
-        (``.remove()``); see :mod:`adascale_shard.fsdp2`.
+        (``.remove()``); see :mod:`adascale_shard.engines.fsdp2`.
         """
-        from .fsdp2 import attach
+        from .engines.fsdp2 import attach
 
-        self._fsdp2_hooks = attach(self, model)
-        return self._fsdp2_hooks
+        return attach(self, model)
 
     def attach_grad_scaler(self, scaler: Any) -> None:
         """Read the loss scale of a ``torch.amp.GradScaler`` that scales this optimizer's losses.
@@ -303,11 +266,11 @@ class AdaScale(torch.optim.Optimizer):
     @property
     def tau(self) -> float:
         """Scale-invariant steps taken: the sum of the gains of all updates."""
-        return self._tau
+        return self._estimator.tau
 
     def gain(self) -> float:
         """The gain applied at the latest update (1.0 before the first)."""
-        return self._gain
+        return self._estimator.gain
 
     def set_scale(self, scale: float | None) -> None:
         """Change ``S`` (``None``: ``S = N``) from the next update on: when a launcher knows the
@@ -318,11 +281,12 @@ class AdaScale(torch.optim.Optimizer):
 
     def budget_spent(self, steps: float) -> bool:
         """True once ``tau`` reached ``steps``, the step budget tuned at the base batch."""
-        return self._tau >= steps
+        return self._estimator.tau >= steps
 
     def lr_factor(self) -> float:
         """What ``group["lr"]`` is multiplied by in the base step: the gain, or its square root."""
-        return self._gain if self.config.lr_scaling == "gain" else math.sqrt(self._gain)
+        gain = self._estimator.gain
+        return gain if self.config.lr_scaling == "gain" else math.sqrt(gain)
 
     def stats(self) -> dict[str, float]:
         """Floats for logging: the whole model's ``gain, tau, var, sqr, noise_scale, N, S,
@@ -333,37 +297,13 @@ class AdaScale(torch.optim.Optimizer):
         batches; ``efficiency = gain / S`` is the fraction of the linear speed-up the scale delivers
         (``python -m adascale_shard.advisor`` predicts it at other scales from these logs).
         """
-        var, sqr = self._averages(range(len(self._grad_var_avg)))
+        out = self._estimator.stats()
         factor = self.lr_factor()
-        out = {
-            "gain": self._gain,
-            "tau": self._tau,
-            "var": var,
-            "sqr": sqr,
-            "noise_scale": var / sqr if sqr > 0 else math.inf,
-            "efficiency": self._gain / self._scale,
-            "N": float(self._num_micro),
-            "S": float(self._scale),
-            "effective_lr": float(self.param_groups[0]["lr"]) * factor,
-            "updates": float(self._updates),
-            "nonfinite_updates": float(self._nonfinite_updates),
-            "last_update_nonfinite": float(self._last_nonfinite),
-            "dropped_windows": float(self._capture.dropped_windows),
-        }
-        for index in range(len(self._grad_var_avg)):
-            g_var, g_sqr = self._averages([index])
-            out[f"group{index}/var"] = g_var
-            out[f"group{index}/sqr"] = g_sqr
-            out[f"group{index}/gain"] = estimators.gain(g_var, g_sqr, self._scale)
-            if index < len(self.param_groups):
-                out[f"group{index}/effective_lr"] = float(self.param_groups[index]["lr"]) * factor
+        out["effective_lr"] = float(self.param_groups[0]["lr"]) * factor
+        out["dropped_windows"] = float(self._capture.dropped_windows)
+        for index in range(min(self._estimator.num_groups, len(self.param_groups))):
+            out[f"group{index}/effective_lr"] = float(self.param_groups[index]["lr"]) * factor
         return out
-
-    def _averages(self, groups: Iterable[int]) -> tuple[float, float]:
-        indices = [i for i in groups if self._avg_weights[i] > 0.0]  # a group with no estimate yet adds 0
-        var = sum(self._grad_var_avg[i] / self._avg_weights[i] for i in indices)
-        sqr = sum(self._grad_sqr_avg[i] / self._avg_weights[i] for i in indices)
-        return estimators.clamp_averages(var, sqr, self.config.min_relative_var)
 
     # -- the update ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -378,14 +318,11 @@ class AdaScale(torch.optim.Optimizer):
             self._seen_backward = True
             self._update_statistics()
         elif not self._seen_backward:
-            from .fsdp2 import check_hooks_fired
-
-            check_hooks_fired(self)  # FSDP2 gradients but no recorded pass: attach() missing
-            self._check_plain_hooks_fired()
+            self._engine.check_hooks_fired(self.param_groups)  # gradients, but no recorded pass
         factor = self.lr_factor()
         # Decoupled weight decay (AdamW) shrinks by lr * weight_decay per step; an update worth
         # `gain` base steps must shrink as much as they would, whatever the lr rule.
-        decay_factor = self._gain / factor
+        decay_factor = self._estimator.gain / factor
         saved = [(group["lr"], group.get("weight_decay")) for group in self.param_groups]
         try:
             for group in self.param_groups:
@@ -399,59 +336,34 @@ class AdaScale(torch.optim.Optimizer):
                 if weight_decay is not None:
                     group["weight_decay"] = weight_decay
         if new_update:
-            self._tau += self._gain
-            self._updates += 1
+            self._estimator.advance()
         return loss
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         return rank_and_world_size(self.process_group)
 
-    def _check_plain_hooks_fired(self) -> None:
-        """Raise if plain (non-DTensor) gradients are non-zero although no backward pass was ever
-        recorded. Runs only until the first recorded pass; zero gradients (the state-building
-        ``step()`` of ZeRO's wrappers and of torch's distributed checkpoint) are fine."""
-        from .fsdp2 import is_dtensor
-
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None or is_dtensor(p) or grad.numel() == 0:
-                    continue
-                values = grad._values() if grad.is_sparse else grad
-                if bool(values.count_nonzero()):
-                    raise RuntimeError(
-                        "AdaScale: the parameters have gradients but no backward pass was recorded, so "
-                        "the gain would stay 1 and tau at 0 (budget_spent() would never come true). "
-                        "AdaScale's hooks see the gradients that backward() (loss.backward(), "
-                        "torch.autograd.backward) accumulates into the .grad of the parameters it was "
-                        "built on; gradients computed with torch.autograd.grad or torch.func and "
-                        "assigned to .grad, or computed on other parameter objects (a model copied or "
-                        "rebuilt after the optimizer), are not seen. Compute the gradients with "
-                        "backward(), on the parameters AdaScale was built on"
-                    )
-
     def _update_statistics(self) -> None:
-        capture = self._capture
+        capture, engine, estimator = self._capture, self._engine, self._estimator
         num_groups = capture.micro_sqr.numel()
         passes = capture.passes
         counts = torch.tensor([passes, passes * passes], dtype=torch.float64, device=capture.device)
         ranks = world_size(self.process_group)
         # The probe norms that recover a clip since the last pass are local: read beside the sums.
-        if capture.grad_sqr_is_part:
+        if engine.grad_sqr_is_part(capture):
             # This rank measures its part of ||G||^2 (its shard, or its share of the tensors of a
             # replicated gradient: each rank reads 1/ranks of G): summed with the rest.
-            grad_sqr, probes = capture.take_grad_sqr()
+            grad_sqr, probes = engine.take_grad_sqr(capture)
             wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts, grad_sqr]), self.process_group)
             values = torch.cat([wait(), probes]).tolist()  # the one host synchronisation
         else:  # the engine's global norm (ZeRO), or one process: the same on every rank
             wait = start_all_reduce_sum(torch.cat([capture.micro_sqr, counts]), self.process_group)
-            grad_sqr, probes = capture.take_grad_sqr()
+            grad_sqr, probes = engine.take_grad_sqr(capture)
             values = torch.cat([wait(), grad_sqr, probes]).tolist()  # the one host synchronisation
         values, probe_norms = values[: len(values) - probes.numel()], values[len(values) - probes.numel() :]
         capture.reset()
         micro_sum = values[:num_groups]
         passes_sum, passes_sq_sum = values[num_groups : num_groups + 2]
-        unclip = capture.unclip_factor(probe_norms)
+        unclip = engine.unclip_factor(probe_norms)
         grad_sqr = [v * unclip for v in values[num_groups + 2 :]]
         if abs(passes_sq_sum * ranks - passes_sum**2) > 0.5:
             raise RuntimeError(
@@ -462,16 +374,15 @@ class AdaScale(torch.optim.Optimizer):
         num_micro = int(round(passes_sum))
         passes_per_rank = passes_sum / ranks
         scale = float(self.config.scale) if self.config.scale is not None else float(num_micro)
-        if self._num_micro and num_micro != self._num_micro:
+        if estimator.num_micro and num_micro != estimator.num_micro:
             logger.info(
                 "AdaScale: %d micro-gradients per update, %d before; the averages carry over. They are "
                 "in the units of the applied gradient: right when each micro-batch's loss is divided "
                 "by the accumulation steps (a mean); a summed loss changes their units with the "
                 "accumulation steps (docs/algorithm.md#loss-normalisation)",
                 num_micro,
-                self._num_micro,
+                estimator.num_micro,
             )
-        self._num_micro, self._scale = num_micro, scale
         if num_micro < 2:
             if scale > 1:
                 raise ValueError(
@@ -480,11 +391,11 @@ class AdaScale(torch.optim.Optimizer):
                     "Split each batch into at least two micro-batches (gradient accumulation) or "
                     "train on more ranks, or pass scale=None"
                 )
-            self._gain = 1.0
+            estimator.no_variance_update(num_micro, scale)
             return
         # Each hooked gradient h is scaled by the passes per rank so that the N micro-gradients
         # average to the applied gradient G, whatever the loss was divided by.
-        loss_scale_sq = capture.loss_scale**2
+        loss_scale_sq = engine.loss_scale**2
         micro_mean = [passes_per_rank / ranks * s / loss_scale_sq for s in micro_sum]
         if self._grad_scaler is not None:
             # A GradScaler multiplied the loss of this window's passes by its current scale (it
@@ -493,9 +404,7 @@ class AdaScale(torch.optim.Optimizer):
             if math.isfinite(grad_scale_sq) and grad_scale_sq > 0:
                 micro_mean = [v / grad_scale_sq for v in micro_mean]
                 grad_sqr = [v / grad_scale_sq for v in grad_sqr]
-        self._last_nonfinite = not all(math.isfinite(v) for v in micro_mean + grad_sqr)
-        if self._last_nonfinite:
-            self._nonfinite_updates += 1
+        if not estimator.update(micro_mean, grad_sqr, num_micro, scale, self.config.smoothing):
             if not self._warned_nonfinite:
                 self._warned_nonfinite = True
                 logger.warning(
@@ -503,38 +412,25 @@ class AdaScale(torch.optim.Optimizer):
                     "update's statistics were not folded into the averages (counted in "
                     "stats()['nonfinite_updates'], logged once)"
                 )
-        else:
-            smoothing = self.config.smoothing
-            if smoothing is None:
-                smoothing = estimators.default_smoothing(scale)
-            for index in range(num_groups):
-                est = estimators.estimate(micro_mean[index], grad_sqr[index], num_micro, scale)
-                weight = self._avg_weights[index]
-                self._grad_var_avg[index], _ = estimators.ema_update(
-                    self._grad_var_avg[index], weight, est.grad_var, smoothing
-                )
-                self._grad_sqr_avg[index], self._avg_weights[index] = estimators.ema_update(
-                    self._grad_sqr_avg[index], weight, est.grad_sqr, smoothing
-                )
-        var, sqr = self._averages(range(num_groups))
-        self._gain = estimators.gain(var, sqr, scale)
 
-    def _replace_capture(self, capture: MicroGradCapture) -> None:
-        """For engine integrations: swap the capture, or install the same one after regrouping it,
-        before training starts. The averages restart, one per group of the capture."""
-        if self._updates or self._capture.passes:
+    def _install_engine(self, engine: Engine, *, new_capture: bool = False, merge_groups: bool = False) -> None:
+        """For engine integrations, before training starts: use ``engine`` for ``||G||^2``, with a
+        new capture (the old parameters' hooks go dead) or with the statistics merged into one
+        whole-model group (DeepSpeed reports one norm; the averages then restart)."""
+        if self._estimator.updates or self._capture.passes:
             raise RuntimeError(
-                "AdaScale's gradient capture can only be replaced before the first backward pass: "
+                "AdaScale's engine can only be replaced before the first backward pass: "
                 "initialise the engine before training"
             )
-        if capture is not self._capture:
+        self._engine = engine
+        if new_capture:
             self._capture.detach()
-        capture.replicas = self._rank_and_world_size
-        self._capture = capture
-        self._regrouped = True
-        self._grad_var_avg = [0.0] * len(capture.groups)
-        self._grad_sqr_avg = [0.0] * len(capture.groups)
-        self._avg_weights = [0.0] * len(capture.groups)
+            self._capture = self._new_capture()
+        self._capture.engine = engine
+        if merge_groups:
+            self._capture.merge_groups()  # the hooks stay (no second gather under ZeRO-3 zero.Init)
+            self._regrouped = True
+            self._estimator.reset_groups(1)
 
     def _drop_window(self) -> None:
         """For engine integrations: the engine skipped this update (fp16 overflow); forget its
@@ -569,20 +465,10 @@ class AdaScale(torch.optim.Optimizer):
 
     def estimator_state_dict(self) -> dict[str, Any]:
         """AdaScale's own state, for checkpoints that carry it beside the base optimizer's
-        (DeepSpeed's ``client_state``, a DCP ``Stateful``): ``format_version, tau, gain, updates,
-        nonfinite_updates``, the per-group un-normalised averages ``grad_var_avg, grad_sqr_avg``,
-        ``avg_weights`` (one per group), the last ``num_micro`` and ``scale``, and the ``config`` it ran with."""
+        (DeepSpeed's ``client_state``, a DCP ``Stateful``): the estimator's
+        (:meth:`~adascale_shard.estimators.Estimator.state_dict`) and the ``config`` it ran with."""
         return {
-            "format_version": STATE_FORMAT_VERSION,
-            "tau": self._tau,
-            "gain": self._gain,
-            "updates": self._updates,
-            "nonfinite_updates": self._nonfinite_updates,
-            "grad_var_avg": list(self._grad_var_avg),
-            "grad_sqr_avg": list(self._grad_sqr_avg),
-            "avg_weights": list(self._avg_weights),
-            "num_micro": self._num_micro,
-            "scale": self._scale,
+            **self._estimator.state_dict(),
             "config": {
                 "scale": self.config.scale,
                 "smoothing": self.config.smoothing,
@@ -595,29 +481,5 @@ class AdaScale(torch.optim.Optimizer):
         """Load :meth:`estimator_state_dict`. The current ``scale`` and ``smoothing`` win over the
         saved ones: the averages describe the model and the base batch, not the scale, so an
         elastic resume at another scale carries them over unchanged."""
-        version = saved.get("format_version")
-        if version == 1:  # one model-wide average weight: every group had it
-            saved = {**saved, "avg_weights": [saved["avg_weight"]] * len(saved["grad_var_avg"])}
-        elif version != STATE_FORMAT_VERSION:
-            raise ValueError(
-                f"AdaScale state format_version {version!r} is not supported by this version "
-                f"(reads 1 and {STATE_FORMAT_VERSION}): load it with the adascale-shard release that "
-                "saved it"
-            )
-        num_groups = len(self._grad_var_avg)
-        if len(saved["grad_var_avg"]) != num_groups:
-            raise ValueError(
-                f"AdaScale state has {len(saved['grad_var_avg'])} parameter groups but the "
-                f"optimizer has {num_groups}: build the optimizer with the same groups as the run "
-                "that saved it"
-            )
+        self._estimator.load_state_dict(saved)
         self._capture.reset()
-        self._tau = float(saved["tau"])
-        self._gain = float(saved["gain"])
-        self._updates = int(saved["updates"])
-        self._nonfinite_updates = int(saved["nonfinite_updates"])
-        self._grad_var_avg = [float(v) for v in saved["grad_var_avg"]]
-        self._grad_sqr_avg = [float(v) for v in saved["grad_sqr_avg"]]
-        self._avg_weights = [float(w) for w in saved["avg_weights"]]
-        self._num_micro = int(saved["num_micro"])
-        self._scale = float(saved["scale"])

@@ -1,102 +1,106 @@
-"""Learning-rate schedules read at scale-invariant steps ``floor(tau)``."""
+"""Learning-rate schedules read at scale-invariant steps ``floor(tau)``: one mechanism, :func:`follow_tau`."""
 
 from __future__ import annotations
 
+import inspect
 import math
+import weakref
 from typing import Any
 
 from .optimizer import AdaScale
+from .unwrap import find
 
-__all__ = ["ScaleInvariantScheduler", "follow_tau"]
+__all__ = ["follow_tau"]
 
 _FOLLOWS_TAU = "_adascale_follows_tau"
+_TAU_OF: weakref.WeakKeyDictionary[Any, AdaScale] = weakref.WeakKeyDictionary()  # scheduler -> its AdaScale
+_FOLLOWING: dict[type, type] = {}  # scheduler class -> its tau-following subclass
+
+
+def _takes_iteration(cls: type) -> bool:
+    # DeepSpeed's JSON schedulers (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle) take it in step().
+    try:
+        return "last_batch_iteration" in inspect.signature(cls.step).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _counts_steps(scheduler: Any) -> bool:
     return hasattr(scheduler, "last_epoch") and type(scheduler).__name__ != "ReduceLROnPlateau"
 
 
-def follow_tau(scheduler: Any, optimizer: AdaScale) -> None:
-    """Make ``scheduler.step()`` move a step-counting torch scheduler to ``floor(tau)``.
-
-    For schedulers that something else steps once per update (the HF Trainer, DeepSpeed's
-    engine, Accelerate's wrapper): after the patch each call steps the scheduler until its
-    ``last_epoch`` equals ``floor(optimizer.tau)``, however often it is called per update, so
-    the schedule is read at scale-invariant steps. Idempotent.
-    """
-    cls = type(scheduler)
-    if getattr(cls, _FOLLOWS_TAU, False):
+def _step_to_tau(self: Any, *args: Any, **kwargs: Any) -> None:
+    """Move the schedule to ``floor(tau)``, however often it is called per update."""
+    target = math.floor(_TAU_OF[self].tau)
+    base_step = super(type(self), self).step
+    if type(self)._adascale_takes_iteration:
+        base_step(last_batch_iteration=target - 1)  # DeepSpeed's convention after `target` steps
         return
-    if not _counts_steps(scheduler):
-        raise TypeError(
-            f"AdaScale cannot drive {cls.__name__} by floor(tau): it does not count steps "
-            "in last_epoch. Use a step-counting torch.optim.lr_scheduler (LambdaLR, the HF schedules, ...)"
-        )
-    step_once = cls.step
-
-    def step(self: Any, *args: Any, **kwargs: Any) -> None:
-        target = math.floor(optimizer.tau)
-        while self.last_epoch < target:
-            step_once(self)
-
-    # A subclass, not an instance attribute: schedulers save their whole __dict__ in state_dict().
-    scheduler.__class__ = type(cls.__name__, (cls,), {"step": step, _FOLLOWS_TAU: True, "__module__": cls.__module__})
+    while self.last_epoch < target:
+        base_step()
 
 
-class ScaleInvariantScheduler:
-    """Drives a ``torch.optim.lr_scheduler`` scheduler by ``floor(tau)`` of an :class:`AdaScale`.
+def _reduce_following(self: Any, protocol: int) -> tuple:
+    # The subclass is made at run time: a copy (pickle, deepcopy) is the user's own scheduler class,
+    # which follow_tau() can make follow an AdaScale again (the AdaScale itself does not pickle).
+    return _rebuild, (type(self).__bases__[0], dict(self.__dict__))
 
-    Call :meth:`step` once after each ``optimizer.step()``, as with any scheduler. It steps the
-    wrapped scheduler until its ``last_epoch`` equals ``floor(tau)``: one update at gain ``r``
-    moves the schedule ``r`` base steps on, so the schedule tuned at the base batch is followed
-    in scale-invariant steps. Works with every scheduler that counts steps (``LambdaLR`` and so
-    the Hugging Face schedules, ``StepLR``, ``CosineAnnealingLR``, ``OneCycleLR``,
-    ``SequentialLR``, ...); not with ``ReduceLROnPlateau``, which counts metrics, not steps.
 
-    Args:
-        optimizer (AdaScale): the optimizer whose ``tau`` sets the step.
-        scheduler: a scheduler built on ``optimizer`` (or on the optimizer it wraps).
+def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+    scheduler = cls.__new__(cls)
+    scheduler.__dict__.update(state)
+    return scheduler
+
+
+def follow_tau(scheduler: Any, optimizer: AdaScale) -> Any:
+    """Make ``scheduler`` read its schedule at ``floor(optimizer.tau)``; returns it.
+
+    After this, each ``scheduler.step()`` moves the schedule to ``floor(tau)`` instead of one step
+    on, whoever calls it and however often per update (your loop, the HF Trainer, DeepSpeed's
+    engine, Accelerate's wrapper): one update at gain ``r`` moves the schedule ``r`` base steps
+    on, so a schedule tuned at the base batch is followed in scale-invariant steps. Works with
+    every ``torch.optim.lr_scheduler`` that counts steps (``LambdaLR`` and so the HF schedules,
+    ``StepLR``, ``CosineAnnealingLR``, ``OneCycleLR``, ``SequentialLR``, ...) and DeepSpeed's JSON
+    schedulers; not with ``ReduceLROnPlateau``, which counts metrics. Idempotent. The scheduler's
+    ``state_dict`` is unchanged; a copy (pickle, deepcopy) is the scheduler's own class again.
 
     Example::
 
         >>> opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-        >>> sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1000))
+        >>> sched = follow_tau(torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1000), opt)
+        >>> ...; opt.step(); sched.step()
     """
-
-    def __init__(self, optimizer: AdaScale, scheduler: Any) -> None:
-        if not isinstance(optimizer, AdaScale):
-            raise TypeError(
-                f"ScaleInvariantScheduler needs an AdaScale optimizer, got {type(optimizer).__name__}: "
-                "wrap the optimizer with AdaScale(...) first"
-            )
-        if not _counts_steps(scheduler):
-            raise TypeError(
-                f"ScaleInvariantScheduler drives schedulers that count steps (LambdaLR, StepLR, ...); "
-                f"{type(scheduler).__name__} does not"
-            )
-        if scheduler.optimizer is not optimizer and scheduler.optimizer is not optimizer.optimizer:
-            raise ValueError(
-                "the scheduler was built on another optimizer: build it on the AdaScale optimizer "
-                "(or on the optimizer AdaScale wraps)"
-            )
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-
-    @property
-    def last_epoch(self) -> int:
-        """The scale-invariant step the schedule is at."""
-        return self.scheduler.last_epoch
-
-    def step(self) -> None:
-        target = math.floor(self.optimizer.tau)
-        while self.scheduler.last_epoch < target:
-            self.scheduler.step()
-
-    def get_last_lr(self) -> list[float]:
-        return self.scheduler.get_last_lr()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state_dict)
+    if not isinstance(optimizer, AdaScale):
+        raise TypeError(
+            f"follow_tau needs an AdaScale optimizer, got {type(optimizer).__name__}: wrap the optimizer "
+            "with AdaScale(...) first"
+        )
+    cls = type(scheduler)
+    if getattr(cls, _FOLLOWS_TAU, False):
+        _TAU_OF[scheduler] = optimizer
+        return scheduler
+    if not (_takes_iteration(cls) or _counts_steps(scheduler)):
+        raise TypeError(
+            f"AdaScale cannot drive {cls.__name__} by floor(tau): it does not count steps in last_epoch. "
+            "Use a step-counting torch.optim.lr_scheduler (LambdaLR, the HF schedules, StepLR, ...)"
+        )
+    inner = getattr(scheduler, "optimizer", None)  # AdaScale, its base optimizer, or a wrapper of either
+    if inner is not None and inner is not optimizer.optimizer and find(inner) is not optimizer and _counts_steps(scheduler):
+        raise ValueError(
+            "the scheduler was built on another optimizer: build it on the AdaScale optimizer "
+            "(or on the optimizer AdaScale wraps)"
+        )
+    following = _FOLLOWING.get(cls)
+    if following is None:
+        namespace = {
+            "step": _step_to_tau,
+            "__reduce_ex__": _reduce_following,
+            _FOLLOWS_TAU: True,
+            "_adascale_takes_iteration": _takes_iteration(cls),
+        }
+        following = type(cls.__name__, (cls,), {**namespace, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _FOLLOWING[cls] = following
+    # A subclass, not an instance attribute: schedulers save their whole __dict__ in state_dict().
+    scheduler.__class__ = following
+    _TAU_OF[scheduler] = optimizer
+    return scheduler

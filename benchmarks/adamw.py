@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_invariance import ByteLM, accumulate, base_schedule, lsw_schedule, train_loop  # noqa: E402
 
-from adascale_shard import AdaScale, ScaleInvariantScheduler, estimators  # noqa: E402
+from adascale_shard import AdaScale, estimators, follow_tau  # noqa: E402
 
 TASKS = {
     "scratch": {"steps": 800, "lrs": [3e-4, 1e-3, 3e-3, 1e-2]},
@@ -88,12 +88,26 @@ class PreconditionedAdaScale(AdaScale):
             weights.append(1.0 / (math.sqrt(v_hat) + group["eps"]) ** 2)
         return weights
 
-    def _averages(self, groups) -> tuple[float, float]:  # noqa: ANN001
-        indices = [i for i in groups if self._avg_weights[i] > 0.0]
-        weights = self._weights()
-        var = sum(weights[i] * self._grad_var_avg[i] / self._avg_weights[i] for i in indices)
-        sqr = sum(weights[i] * self._grad_sqr_avg[i] / self._avg_weights[i] for i in indices)
-        return estimators.clamp_averages(var, sqr, self.config.min_relative_var)
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        plain = self._estimator
+        self._estimator = PreconditionedEstimator(self._weights, plain.num_groups, plain.min_relative_var)
+        self._estimator.scale = plain.scale
+
+
+class PreconditionedEstimator(estimators.Estimator):
+    """The estimator with each group's averages weighed by ``weights()`` before they are summed."""
+
+    def __init__(self, weights, num_groups: int, min_relative_var: float) -> None:  # noqa: ANN001
+        super().__init__(num_groups, min_relative_var)
+        self.weights = weights
+
+    def averages(self, groups) -> tuple[float, float]:  # noqa: ANN001
+        indices = [i for i in groups if self.avg_weights[i] > 0.0]
+        weights = self.weights()
+        var = sum(weights[i] * self.grad_var_avg[i] / self.avg_weights[i] for i in indices)
+        sqr = sum(weights[i] * self.grad_sqr_avg[i] / self.avg_weights[i] for i in indices)
+        return estimators.clamp_averages(var, sqr, self.min_relative_var)
 
 
 class SqrtTauAdaScale(AdaScale):
@@ -102,8 +116,8 @@ class SqrtTauAdaScale(AdaScale):
 
     def step(self, closure=None):  # noqa: ANN001, ANN201
         saved = [group["weight_decay"] for group in self.param_groups]
-        updates = self._updates
-        gain_before = self._gain
+        updates = self._estimator.updates
+        gain_before = self._estimator.gain
         try:
             # AdaScale.step multiplies weight_decay by gain / sqrt(gain); divide it out beforehand.
             # The gain of this update is only known inside step(), so the correction is exact
@@ -114,8 +128,8 @@ class SqrtTauAdaScale(AdaScale):
         finally:
             for group, weight_decay in zip(self.param_groups, saved):
                 group["weight_decay"] = weight_decay
-        if self._updates > updates:
-            self._tau += math.sqrt(self._gain) - self._gain
+        if self._estimator.updates > updates:
+            self._estimator.tau += math.sqrt(self._estimator.gain) - self._estimator.gain
         return loss
 
 
@@ -149,7 +163,7 @@ def run(task: ByteLM, start: torch.nn.Module | None, method: str, scale: int, lr
         base = torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
         kind = PreconditionedAdaScale if preconditioned else SqrtTauAdaScale if method == "AS-sqrt-tau" else AdaScale
         opt = kind(base, lr_scaling=lr_scaling)
-        sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)))
+        sched = follow_tau(torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)), opt)
         planned = None
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY)

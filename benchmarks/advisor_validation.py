@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scale_invariance as si  # noqa: E402
 
-from adascale_shard import AdaScale, ScaleInvariantScheduler  # noqa: E402
+from adascale_shard import AdaScale, follow_tau  # noqa: E402
 from adascale_shard.advisor import Model, RunLog  # noqa: E402
 from adascale_shard import estimators as est  # noqa: E402
 
@@ -69,7 +69,7 @@ def source_log(task, row: dict, cache: Path) -> list[dict]:  # noqa: ANN001
     model = task.model(row["seed"])
     gen = torch.Generator().manual_seed(10_000 + row["seed"])
     opt = AdaScale(torch.optim.SGD(model.parameters(), lr=row["lr"], momentum=si.MOMENTUM))
-    sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, si.base_schedule(steps)))
+    sched = follow_tau(torch.optim.lr_scheduler.LambdaLR(opt, si.base_schedule(steps)), opt)
     records = []
     while not opt.budget_spent(steps):
         si.accumulate(task, model, scale, row["batch"], gen)

@@ -16,7 +16,7 @@ More variants on request (``--extra``):
   synchronisation point costs here, AdaScale or not);
 * ``replicated``: AdaScale with every rank reading all of ``||G||^2`` while the all-reduce is in
   flight (the behaviour before the shares), also printed paired against ``adascale``;
-* ``noop-hooks`` and ``norm-hooks``: the plain optimizer with a Python pre-hook on every gradient
+* ``noop-hooks`` and ``norm-hooks``: the plain optimizer with a Python tensor hook on every gradient
   accumulator that does nothing, or runs only the norm kernel AdaScale's hook runs. Their ratios
   to ``base``, read beside ``hooks / base`` (the whole capture), split the hooks' cost into the
   Python call, the norm kernels and the capture's bookkeeping.
@@ -57,7 +57,7 @@ def make_update(workload: str, kind: str, ranks: bool, own_group=None):  # noqa:
         opt = AdaScale(base, scale=None if ranks else 2)
     elif kind == "replicated":
         opt = AdaScale(base, scale=None)
-        opt._capture.replicas = lambda: (0, 1)  # every rank reads all of G, as if it were alone
+        opt._engine.replicas = lambda: (0, 1)  # every rank reads all of G, as if it were alone
     elif kind == "local":
         opt = AdaScale(base, scale=2, process_group=own_group)
     elif kind == "fairscale":
@@ -67,21 +67,18 @@ def make_update(workload: str, kind: str, ranks: bool, own_group=None):  # noqa:
     elif kind == "hooks":
         capture = MicroGradCapture([list(model.parameters())])
     elif kind in ("noop-hooks", "norm-hooks"):
-        # What a Python pre-hook per tensor costs in context, empty or running only the norm kernel
-        # AdaScale's hook runs (into a slot of one preallocated tensor), without any bookkeeping.
+        # What a Python tensor hook per parameter costs in context, empty or running only the norm
+        # kernel AdaScale's hook runs (into a slot of one preallocated tensor), without any bookkeeping.
         slots = torch.zeros(len(list(model.parameters())))
-        model.hooked_nodes = []  # keeps the hooked nodes alive, as the capture does
 
         def norm_into(slot: torch.Tensor):  # noqa: ANN202
-            def hook(grads):  # noqa: ANN001, ANN202
-                torch.linalg.vector_norm(grads[0], out=slot)
+            def hook(grad):  # noqa: ANN001, ANN202
+                torch.linalg.vector_norm(grad, out=slot)
 
             return hook
 
         for slot, param in zip(slots, model.parameters()):
-            node = torch.autograd.graph.get_gradient_edge(param).node
-            node.register_prehook((lambda grads: None) if kind == "noop-hooks" else norm_into(slot))
-            model.hooked_nodes.append(node)
+            param.register_hook((lambda grad: None) if kind == "noop-hooks" else norm_into(slot))
     rank = dist.get_rank() if ranks else 0
 
     def update(step: int) -> None:

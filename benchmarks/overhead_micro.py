@@ -65,23 +65,29 @@ def hook_dispatch(num_params: int = 512, rounds: int = 300) -> None:
             p.grad = None
         return seconds
 
-    bare, hooked = [], []
+    bare, node_hooked, tensor_hooked = [], [], []
     for _ in range(rounds):  # interleaved, so that drift cancels
         bare.append(backward())
         handles = [node.register_prehook(lambda grads: None) for node in nodes]
-        hooked.append(backward())
+        node_hooked.append(backward())
         for handle in handles:
             handle.remove()
-    per_hook = 1e6 * (statistics.median(hooked) - statistics.median(bare)) / num_params
-    print(f"a no-op Python pre-hook on a gradient accumulator, called by backward: {per_hook:.2f} us per call "
-          f"({num_params} one-element parameters, median of {rounds} interleaved backward passes)")
+        handles = [p.register_hook(lambda grad: None) for p in params]  # what AdaScale's capture uses
+        tensor_hooked.append(backward())
+        for handle in handles:
+            handle.remove()
+    for name, hooked in (("a tensor hook (Tensor.register_hook, AdaScale's)", tensor_hooked),
+                         ("a pre-hook on the gradient-accumulator node", node_hooked)):
+        per_hook = 1e6 * (statistics.median(hooked) - statistics.median(bare)) / num_params
+        print(f"no-op Python {name}, called by backward: {per_hook:.2f} us per call "
+              f"({num_params} one-element parameters, median of {rounds} interleaved backward passes)")
 
 
 def hook_python() -> None:
     param = torch.nn.Parameter(torch.randn(128))
     capture = MicroGradCapture([[param]])
-    hook = capture._make_hook(0, param, None, leaf=True)
-    grads = (torch.randn(128),)
+    hook = capture._make_hook(0, param, None)
+    grads = torch.randn(128)
     capture._pass_open, capture._pass_task_id = True, torch._C._current_graph_task_id()  # as inside a pass
     slot = torch.zeros(())
 
@@ -90,7 +96,7 @@ def hook_python() -> None:
         hook(grads)
 
     with_hook = median_us(one_call, 20000)
-    bare = median_us(lambda: torch.linalg.vector_norm(grads[0], out=slot), 20000)
+    bare = median_us(lambda: torch.linalg.vector_norm(grads, out=slot), 20000)
     print(f"AdaScale's hook on a 128-element gradient: {with_hook:.2f} us, its norm kernel alone {bare:.2f} us: "
           f"{with_hook - bare:.2f} us of Python per call")
 
@@ -147,7 +153,7 @@ def dtensor_shard_access(num_params: int = 52) -> None:
 
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-    from adascale_shard.capture import grad_sqr_norms
+    from adascale_shard.engines.base import grad_sqr_norms
 
     with TemporaryDirectory() as tmp:
         own = not dist.is_initialized()

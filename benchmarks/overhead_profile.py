@@ -25,6 +25,7 @@ import overhead  # noqa: E402
 
 from adascale_shard import capture as capture_module  # noqa: E402
 from adascale_shard import optimizer as optimizer_module  # noqa: E402
+from adascale_shard.engines import replicated as replicated_module  # noqa: E402
 
 SECONDS: dict[str, float] = {}
 ORDER = (
@@ -61,7 +62,8 @@ def instrument() -> None:
     capture_cls._open_pass = timed("opening a pass", capture_cls._open_pass)
     capture_cls._close_pass = timed("closing a pass", capture_cls._close_pass)
     capture_cls.micro_sqr = property(timed("  per-group sums", capture_cls.micro_sqr.fget))
-    capture_cls._resolve_grad_sqr = timed("  ||G||^2 at step()", capture_cls._resolve_grad_sqr)
+    replicated = replicated_module.ReplicatedEngine
+    replicated.take_grad_sqr = timed("  ||G||^2 at step()", replicated.take_grad_sqr)
     start = optimizer_module.start_all_reduce_sum
 
     def start_then_time_wait(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202

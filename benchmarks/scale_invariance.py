@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from adascale_shard import AdaScale, ScaleInvariantScheduler
+from adascale_shard import AdaScale, follow_tau
 
 TASKS = {
     # base batch, T1, lr candidates, evaluation metric (higher is better?)
@@ -203,7 +203,7 @@ def run(task, method: str, scale: int, lr: float, steps: int, seed: int, batch: 
     spec = TASKS[task.name]
     if method == "AS":
         opt = AdaScale(base)  # S = N = scale micro-batches of the base size
-        sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)))
+        sched = follow_tau(torch.optim.lr_scheduler.LambdaLR(opt, base_schedule(steps)), opt)
         planned = None
     else:
         opt = base

@@ -17,14 +17,12 @@ How AdaScale meets Accelerate here:
   swaps the optimizer's parameters for the sharded ones there).
 * DeepSpeed: Accelerate's ``DummyOptim``; the JSON's ``"optimizer": {"type": "AdaScale"}`` block
   builds AdaScale inside ``deepspeed.initialize`` (``import adascale_shard`` registers the type).
-* ``find_adascale`` gets the AdaScale instance behind whatever ``prepare`` returned; the schedule
-  (warm-up, cosine) is a ``LambdaLR`` on it, read at ``floor(tau)`` by ``ScaleInvariantScheduler``,
-  stepped after each update and registered for checkpointing. It is not handed to ``prepare``:
-  ``prepare`` returns a ``ScaleInvariantScheduler`` as it is, without saving it in ``save_state``
-  (it is no ``LRScheduler``), and a bare torch scheduler handed to ``prepare`` becomes an
-  ``AcceleratedScheduler``, which steps it ``num_processes`` times per update (a schedule counted in
-  per-process batches), not at ``floor(tau)``. Under DeepSpeed the engine has no scheduler here
-  (no ``"scheduler"`` block in the JSON); the same ``ScaleInvariantScheduler`` drives the rate.
+* ``unwrap`` gets the AdaScale instance behind whatever ``prepare`` returned; the schedule
+  (warm-up, cosine) is a ``LambdaLR`` on it, read at ``floor(tau)`` (``follow_tau``), stepped after
+  each update and registered for checkpointing. It is not handed to ``prepare``: a torch scheduler
+  handed to ``prepare`` becomes an ``AcceleratedScheduler``, which steps it ``num_processes`` times
+  per update (a schedule counted in per-process batches). Under DeepSpeed the engine has no
+  scheduler here (no ``"scheduler"`` block in the JSON); the same scheduler drives the rate.
 * ``accelerator.accumulate`` + ``accelerator.clip_grad_norm_``: AdaScale takes its statistics
   before the clipping (on DeepSpeed the JSON's ``gradient_clipping`` clips, and ``"auto"`` is
   filled with ``--max_grad_norm``). Training stops when ``tau`` reaches ``--budget``.
@@ -62,8 +60,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 import adascale_shard  # noqa: F401  registers "type": "AdaScale" with DeepSpeed: before prepare
-from adascale_shard import AdaScale, ScaleInvariantScheduler
-from adascale_shard.integrations.accelerate import AdaScaleCheckpoint, find_adascale
+from adascale_shard import AdaScale, follow_tau
+from adascale_shard import unwrap
+from adascale_shard.integrations.accelerate import AdaScaleCheckpoint
 
 ENGINES_HELP = "ddp, fsdp2, zero2, zero3 (from the Accelerate config), fsdp2 with --manual_fsdp2"
 
@@ -372,10 +371,10 @@ def main(argv: list[str] | None = None) -> None:
             torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum), scale=args.scale
         )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    adascale = find_adascale(optimizer)
+    adascale = unwrap(optimizer)
     if engine == "fsdp2":
         adascale.attach(model)  # after prepare: hooks the unsharded parameters FSDP2 computes on
-    scheduler = ScaleInvariantScheduler(adascale, torch.optim.lr_scheduler.LambdaLR(adascale, base_schedule(args)))
+    scheduler = follow_tau(torch.optim.lr_scheduler.LambdaLR(adascale, base_schedule(args)), adascale)
     if not args.manual_fsdp2:
         accelerator.register_for_checkpointing(AdaScaleCheckpoint(adascale), scheduler)
 

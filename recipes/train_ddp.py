@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from adascale_shard import AdaScale, ScaleInvariantScheduler
+from adascale_shard import AdaScale, follow_tau
 
 
 def parse_args() -> argparse.Namespace:
@@ -108,7 +108,7 @@ def main() -> None:
             return (step + 1) / args.warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / (args.budget - args.warmup))))
 
-    sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    sched = follow_tau(torch.optim.lr_scheduler.LambdaLR(opt, schedule), opt)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own micro-batches
     out = Path(args.output_dir)
     if rank == 0:

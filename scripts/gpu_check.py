@@ -341,7 +341,7 @@ def deepspeed_worker(rank: int, world: int, spec: dict) -> dict:
     import adascale_shard  # noqa: F401 - registers "type": "AdaScale"
     from adascale_shard import AdaScale
 
-    from adascale_shard.integrations import deepspeed as integration
+    from adascale_shard.engines import deepspeed as integration
 
     dtype = spec["dtype"]
     if dtype == "fp16" and spec["device"] == "cpu":

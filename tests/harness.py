@@ -272,7 +272,7 @@ def _child_main(
         tmp = f"{path}.tmp"
         torch.save(result, tmp)
         os.replace(tmp, path)
-    except BaseException:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are failures too
+    except BaseException:
         text = f"failed at time {time.time():.6f} during {phase} (pid {os.getpid()})\n"
         text += traceback.format_exc()
         try:
@@ -289,12 +289,12 @@ def _child_main(
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=teardown_timeout_s))
         else:
             dist.barrier()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         sys.stderr.write(f"[harness rank {rank}] teardown barrier failed: {err!r}\n")
         exit_code = TEARDOWN_EXIT_CODE
     try:
         dist.destroy_process_group()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         sys.stderr.write(f"[harness rank {rank}] destroy_process_group failed: {err!r}\n")
         exit_code = TEARDOWN_EXIT_CODE
     sys.stdout.flush()

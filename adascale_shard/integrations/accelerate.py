@@ -1,5 +1,5 @@
-"""Accelerate: find AdaScale behind ``accelerator.prepare``, and carry its estimator through
-``accelerator.save_state`` / ``load_state`` on every engine.
+"""Accelerate: carry AdaScale's estimator through ``accelerator.save_state`` / ``load_state`` on
+every engine.
 
 ``accelerator.prepare`` hides the AdaScale instance behind wrappers that differ per engine:
 
@@ -9,9 +9,9 @@
   AdaScale; AdaScale is also ``engine.basic_optimizer``, the engine being the prepared model or
   ``accelerator.deepspeed_engine_wrapped.engine``.
 
-:func:`find_adascale` takes any of these (the prepared optimizer, the prepared DeepSpeed model, or
-the ``Accelerator``) and returns the AdaScale instance, for ``tau``, ``budget_spent``, ``stats`` and
-``ScaleInvariantScheduler``.
+:func:`adascale_shard.unwrap` takes any of these (the prepared optimizer, the prepared DeepSpeed
+model, or the ``Accelerator``) and returns the AdaScale instance, for ``tau``, ``budget_spent``,
+``stats`` and :func:`adascale_shard.follow_tau`.
 
 Checkpoints: what ``save_state`` does with AdaScale's estimator (``tau``, the averages) depends on
 the engine. DDP: Accelerate saves ``optimizer.state_dict()``, which carries it. DeepSpeed:
@@ -33,98 +33,11 @@ This module never imports Accelerate or DeepSpeed: it reads the objects it is gi
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from ..optimizer import AdaScale
+from ..unwrap import unwrap
 
-__all__ = ["find_adascale", "AdaScaleCheckpoint"]
-
-_MAX_DEPTH = 8
-
-
-def _walk_optimizers(obj: Any) -> list[Any]:
-    """``obj``, ``obj.optimizer``, ``obj.optimizer.optimizer``, ... (Accelerate's and DeepSpeed's
-    wrappers all keep the wrapped optimizer in ``.optimizer``)."""
-    chain = [obj]
-    for _ in range(_MAX_DEPTH):
-        inner = getattr(chain[-1], "optimizer", None)
-        if inner is None or any(inner is seen for seen in chain):
-            break
-        chain.append(inner)
-    return chain
-
-
-def _is_accelerator(obj: Any) -> bool:
-    """True for an ``accelerate.Accelerator``, without importing Accelerate (if it was never
-    imported, no Accelerator can exist)."""
-    module = sys.modules.get("accelerate")
-    return module is not None and isinstance(obj, module.Accelerator)
-
-
-def find_adascale(obj: Any) -> AdaScale:
-    """The :class:`~adascale_shard.AdaScale` instance behind an object ``accelerator.prepare``
-    returned, for every engine.
-
-    Args:
-        obj: the prepared optimizer (``AcceleratedOptimizer``, ``DeepSpeedOptimizerWrapper``), the
-            prepared model under DeepSpeed (a ``DeepSpeedEngine``: its ``basic_optimizer``), the
-            ``Accelerator`` itself (its DeepSpeed engine, else its one prepared AdaScale), or an
-            AdaScale.
-
-    Raises:
-        TypeError: no AdaScale is there (the optimizer was not built as AdaScale, or DeepSpeed's
-            JSON has another optimizer type), or the ``Accelerator`` holds several.
-
-    Example::
-
-        >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        >>> adascale = find_adascale(optimizer)      # DDP, FSDP2, DeepSpeed alike
-        >>> while not adascale.budget_spent(1000): ...
-    """
-    if isinstance(obj, AdaScale):
-        return obj
-    if _is_accelerator(obj):
-        wrapped = getattr(obj, "deepspeed_engine_wrapped", None)  # set under DeepSpeed only
-        if wrapped is not None:
-            return find_adascale(wrapped.engine)
-        found = []
-        for prepared in obj._optimizers:
-            try:
-                adascale = find_adascale(prepared)
-            except TypeError:
-                continue
-            if not any(adascale is seen for seen in found):
-                found.append(adascale)
-        if len(found) == 1:
-            return found[0]
-        if not found:
-            raise TypeError(
-                "find_adascale: the Accelerator has no prepared AdaScale optimizer. Call "
-                "accelerator.prepare(model, optimizer, ...) first, with optimizer = "
-                "AdaScale(torch.optim.SGD(...)) (DDP, FSDP2) or accelerate.utils.DummyOptim and "
-                '"optimizer": {"type": "AdaScale"} in the DeepSpeed JSON'
-            )
-        raise TypeError(
-            f"find_adascale: the Accelerator holds {len(found)} AdaScale optimizers; pass the "
-            "prepared optimizer you mean instead of the Accelerator"
-        )
-    basic = getattr(obj, "basic_optimizer", None)  # a DeepSpeedEngine
-    if isinstance(basic, AdaScale):
-        return basic
-    chain = _walk_optimizers(obj)
-    for item in chain:
-        if isinstance(item, AdaScale):
-            return item
-    names = " -> ".join(type(item).__name__ for item in chain)
-    if basic is not None:
-        names += f" (DeepSpeed basic_optimizer: {type(basic).__name__})"
-    raise TypeError(
-        f"find_adascale found no AdaScale in {names}. Build the optimizer as "
-        "AdaScale(torch.optim.SGD(model.parameters(), ...)) before accelerator.prepare, or, with "
-        'DeepSpeed, use accelerate.utils.DummyOptim with "optimizer": {"type": "AdaScale"} in the '
-        "DeepSpeed JSON (and import adascale_shard before accelerator.prepare)"
-    )
+__all__ = ["AdaScaleCheckpoint"]
 
 
 class AdaScaleCheckpoint:
@@ -137,12 +50,12 @@ class AdaScaleCheckpoint:
     tensors its state is keyed by). ``load_state_dict`` restores the estimator alone.
 
     Args:
-        optimizer: anything :func:`find_adascale` accepts (the prepared optimizer, the DeepSpeed
-            engine, the ``Accelerator``, an AdaScale).
+        optimizer: anything :func:`adascale_shard.unwrap` accepts (the prepared optimizer, the
+            DeepSpeed engine, the ``Accelerator``, an AdaScale).
     """
 
     def __init__(self, optimizer: Any) -> None:
-        self.adascale = find_adascale(optimizer)
+        self.adascale = unwrap(optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         return self.adascale.estimator_state_dict()

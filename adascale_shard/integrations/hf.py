@@ -46,6 +46,7 @@ import torch
 
 from ..optimizer import AdaScale
 from ..schedule import follow_tau
+from ..unwrap import find
 
 try:  # the Trainer's callback types; the module is imported only by users of the Trainer
     from transformers import TrainerCallback
@@ -56,23 +57,11 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install 'adascale-shard[transformers]'"
     ) from err
 
-__all__ = ["enable_adascale", "find_adascale", "AdaScaleArguments", "AdaScaleCallback", "run_summary", "LOG_KEYS"]
+__all__ = ["enable_adascale", "AdaScaleArguments", "AdaScaleCallback", "run_summary", "LOG_KEYS"]
 
 logger = logging.getLogger(__name__)
 
 LOG_KEYS = ("gain", "tau", "var", "sqr", "noise_scale", "efficiency", "S", "effective_lr", "updates")
-
-
-def find_adascale(optimizer: Any) -> AdaScale | None:
-    """The AdaScale inside whatever wraps it (Accelerate's ``AcceleratedOptimizer``, DeepSpeed's
-    ZeRO/bf16 wrappers all keep the wrapped optimizer in ``.optimizer``)."""
-    for _ in range(8):
-        if isinstance(optimizer, AdaScale):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is None:
-            return None
-    return None
 
 
 def _innermost_scheduler(scheduler: Any) -> Any:
@@ -130,8 +119,7 @@ def enable_adascale(
     if args.max_steps is None or args.max_steps <= 0:
         args.max_steps = _epochs_to_steps(trainer, base_batch_size)
     handler = trainer.callback_handler
-    main = AdaScaleCallback(base_batch_size=base_batch_size)
-    main._trainer = weakref.ref(trainer)
+    main = AdaScaleCallback(base_batch_size=base_batch_size, trainer=trainer)
     for cls, replacement in ((DefaultFlowCallback, AdaScaleFlowCallback(main)), (ProgressCallback, None)):
         for index, callback in enumerate(handler.callbacks):
             if type(callback) is cls:
@@ -248,19 +236,20 @@ class AdaScaleCallback(TrainerCallback):
     reach every reporter.
     """
 
-    def __init__(self, base_batch_size: int | None = None) -> None:
+    def __init__(self, base_batch_size: int | None = None, trainer: Any = None) -> None:
         self.base_batch_size = base_batch_size
         self.adascale: AdaScale | None = None
+        self._trainer = (lambda: None) if trainer is None else weakref.ref(trainer)
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):  # noqa: ANN001, ANN003
-        adascale = find_adascale(optimizer)
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        adascale = find(optimizer)
         if adascale is None:
             raise RuntimeError(
                 f"AdaScaleCallback: the Trainer's optimizer is {type(optimizer).__name__}, not AdaScale. Call "
                 "enable_adascale(trainer, ...) before train(), or with --deepspeed put "
                 '"optimizer": {"type": "AdaScale"} in the JSON (and import adascale_shard first)'
             )
-        trainer = getattr(self, "_trainer", lambda: None)()
+        trainer = self._trainer()
         _check_data_parallel(args, trainer)
         scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
         if scaler is not None:  # fp16 without DeepSpeed: Accelerate's GradScaler scales the loss
@@ -279,7 +268,7 @@ class AdaScaleCallback(TrainerCallback):
             follow_tau(_innermost_scheduler(lr_scheduler), adascale)
         self.adascale = adascale
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if self.adascale is None or logs is None or "loss" not in logs:
             return
         stats = self.adascale.stats()
@@ -320,11 +309,11 @@ class AdaScaleFlowCallback(DefaultFlowCallback):
         self.main = main
         self._last_step = 0  # floor(tau) at the previous update
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+    def on_train_begin(self, args, state, control, **kwargs):
         adascale = self.main.adascale
         self._last_step = math.floor(adascale.tau) if adascale is not None else 0
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+    def on_step_end(self, args, state, control, **kwargs):
         adascale = self.main.adascale
         if adascale is None:
             return super().on_step_end(args, state, control, **kwargs)
@@ -361,7 +350,7 @@ class AdaScaleProgressCallback(ProgressCallback):
         super().__init__(max_str_len=max_str_len)
         self.main = main
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+    def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         if self.training_bar is not None:
             self.training_bar.set_description("tau")
@@ -370,7 +359,7 @@ class AdaScaleProgressCallback(ProgressCallback):
         if self.training_bar is not None and self.current_step:
             self.training_bar.update(self.current_step)
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+    def on_step_end(self, args, state, control, **kwargs):
         adascale = self.main.adascale
         if self.training_bar is None or adascale is None:
             return

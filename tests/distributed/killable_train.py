@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adascale_shard import AdaScale, ScaleInvariantScheduler
+from adascale_shard import AdaScale, follow_tau
 
 D_IN, HIDDEN, MICRO_BATCH = 8, 32, 8
 CHECKPOINT = "checkpoint.pt"
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     model = Net()
     opt = AdaScale(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum))
-    sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    sched = follow_tau(torch.optim.lr_scheduler.LambdaLR(opt, schedule), opt)
     gen = torch.Generator().manual_seed(args.seed + 1)
     done, gains, taus = 0, [], []
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 torch.load(stale, weights_only=True)
                 loadable = True
-            except Exception:  # noqa: BLE001 - a truncated file fails in several ways
+            except Exception:
                 loadable = False
             log("stale_tmp", path=os.path.basename(stale), bytes=os.path.getsize(stale), loadable=loadable)
             os.remove(stale)

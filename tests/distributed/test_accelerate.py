@@ -128,7 +128,7 @@ def plain_case(rank: int, world: int, engine: str, clip: bool = True, max_update
     batch ``(u K + k) W + r``."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from adascale_shard import AdaScale, ScaleInvariantScheduler
+    from adascale_shard import AdaScale, follow_tau
 
     recipe = _recipe()
     args = recipe.parse_args(TINY if clip else [*TINY, "--max_grad_norm", "0"])
@@ -192,7 +192,7 @@ def plain_case(rank: int, world: int, engine: str, clip: bool = True, max_update
             adascale.step()
             adascale.zero_grad()
 
-    schedule = ScaleInvariantScheduler(adascale, torch.optim.lr_scheduler.LambdaLR(adascale, recipe.base_schedule(args)))
+    schedule = follow_tau(torch.optim.lr_scheduler.LambdaLR(adascale, recipe.base_schedule(args)), adascale)
     out = {"gain": [], "tau": [], "lr": []}
     update = 0
     while not adascale.budget_spent(args.budget) and update != max_updates:

@@ -44,7 +44,7 @@ def model() -> MLP:
 def error_of(fn) -> str | None:
     try:
         fn()
-    except Exception as err:  # noqa: BLE001 - the message is what is checked
+    except Exception as err:
         return f"{type(err).__name__}: {err}"
     return None
 

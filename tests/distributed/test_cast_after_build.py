@@ -177,8 +177,7 @@ def accelerate_deepspeed_case(rank: int, world: int, stage: int, built: str) -> 
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DummyOptim
 
-    from adascale_shard import AdaScale
-    from adascale_shard.integrations.accelerate import find_adascale
+    from adascale_shard import AdaScale, unwrap
 
     try:
         _reset_accelerate()
@@ -193,8 +192,8 @@ def accelerate_deepspeed_case(rank: int, world: int, stage: int, built: str) -> 
         else:
             optimizer = AdaScale(model.parameters(), optimizer="SGD", lr=LR, momentum=MOMENTUM)
         engine, prepared = accelerator.prepare(model, optimizer)
-        adascale = find_adascale(prepared)
-        assert adascale is find_adascale(accelerator) is engine.basic_optimizer
+        adascale = unwrap(prepared)
+        assert adascale is unwrap(accelerator) is engine.basic_optimizer
         if built == "before":
             assert adascale is optimizer
 
@@ -216,8 +215,7 @@ def accelerate_ddp_case(rank: int, world: int, built: str) -> dict:
     _dist_env(rank, world)
     from accelerate import Accelerator
 
-    from adascale_shard import AdaScale
-    from adascale_shard.integrations.accelerate import find_adascale
+    from adascale_shard import AdaScale, unwrap
 
     try:
         _reset_accelerate()
@@ -231,7 +229,7 @@ def accelerate_ddp_case(rank: int, world: int, built: str) -> dict:
             optimizer = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
         wrapped, prepared = accelerator.prepare(model, optimizer)
         assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel), type(wrapped)
-        adascale = find_adascale(prepared)
+        adascale = unwrap(prepared)
         assert adascale is optimizer
         out: dict = {}
         for u in range(UPDATES):

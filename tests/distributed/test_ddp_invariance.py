@@ -209,8 +209,9 @@ def train(
             out["clip_total_norm"].append(float(total))
             out["clipped_grad_norm"].append(float(flat_grads(model).double().norm()))
         # The part of the pre-clip ||G||^2 this rank measures (read after the clip, as step() does).
-        out["grad_sqr_part"].append(float(opt._capture.grad_sqr.sum()))
-        out["grad_sqr_is_part"] = [opt._capture.grad_sqr_is_part]
+        part, probes = opt._engine.take_grad_sqr(opt._capture)
+        out["grad_sqr_part"].append(float(part.sum()) * opt._engine.unclip_factor(probes.tolist()))
+        out["grad_sqr_is_part"] = [opt._engine.grad_sqr_is_part(opt._capture)]
         opt.step()
         opt.zero_grad()
         stats = opt.stats()

@@ -90,7 +90,7 @@ def train_fp16(rank: int, world: int, stage: int) -> dict:
     _fp16_worker(rank, world)
     import deepspeed
 
-    from adascale_shard.integrations import deepspeed as integration
+    from adascale_shard.engines import deepspeed as integration
 
     refuse = integration.refuse_unscaled_fp16_step
     if stage == 0:
@@ -103,7 +103,7 @@ def train_fp16(rank: int, world: int, stage: int) -> dict:
         integration.refuse_unscaled_fp16_step = refuse
 
 
-def _train_fp16(rank: int, stage: int, deepspeed) -> dict:  # noqa: ANN001
+def _train_fp16(rank: int, stage: int, deepspeed) -> dict:
     model = Net()
     config = ds_config(stage, ACCUMULATION, fp16=dict(FP16))
     config["optimizer"]["params"]["lr"] = 0.0

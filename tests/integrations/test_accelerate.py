@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adascale_shard import AdaScale
-from adascale_shard.integrations.accelerate import AdaScaleCheckpoint, find_adascale
+from adascale_shard import AdaScale, unwrap
+from adascale_shard.integrations.accelerate import AdaScaleCheckpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,8 @@ ACCELERATE_CHECKS = r"""
 import json, sys, torch
 from accelerate import Accelerator
 from adascale_shard import AdaScale
-from adascale_shard.integrations.accelerate import AdaScaleCheckpoint, find_adascale
+from adascale_shard import unwrap
+from adascale_shard.integrations.accelerate import AdaScaleCheckpoint
 
 mode, path = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
@@ -52,8 +53,8 @@ accelerator = Accelerator(gradient_accumulation_steps=2)
 model, prepared = accelerator.prepare(model, adascale)
 out = {
     "prepared_type": type(prepared).__name__,
-    "from_optimizer": find_adascale(prepared) is adascale,
-    "from_accelerator": find_adascale(accelerator) is adascale,
+    "from_optimizer": unwrap(prepared) is adascale,
+    "from_accelerator": unwrap(accelerator) is adascale,
 }
 accelerator.register_for_checkpointing(AdaScaleCheckpoint(prepared))
 if mode == "save":
@@ -69,7 +70,7 @@ else:  # a fresh process: load_state restores the estimator
     accelerator.load_state(path)
 out["estimator"] = adascale.estimator_state_dict()
 try:
-    find_adascale(accelerator.prepare(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)))
+    unwrap(accelerator.prepare(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)))
 except TypeError as err:
     out["plain_error"] = str(err)
 print("RESULT " + json.dumps(out))
@@ -90,7 +91,7 @@ def accelerate_checks(tmp_path_factory):
     return {"saved": run_checks("save", path), "loaded": run_checks("load", path)}
 
 
-def test_find_adascale_behind_accelerates_prepare(accelerate_checks):
+def test_unwrap_behind_accelerates_prepare(accelerate_checks):
     saved = accelerate_checks["saved"]
     assert saved["prepared_type"] == "AcceleratedOptimizer"
     assert saved["from_optimizer"]
@@ -103,7 +104,7 @@ def test_checkpoint_round_trip_through_save_state_and_load_state_in_a_fresh_proc
     assert accelerate_checks["loaded"]["estimator"] == saved
 
 
-def test_find_adascale_names_the_fix_for_a_plain_optimizer(accelerate_checks):
+def test_unwrap_names_the_fix_for_a_plain_optimizer(accelerate_checks):
     message = accelerate_checks["saved"]["plain_error"]
     assert "AcceleratedOptimizer -> SGD" in message
     assert "AdaScale(torch.optim.SGD" in message and "DummyOptim" in message
@@ -114,14 +115,14 @@ class _Wrapper:  # the shape of DeepSpeed's and Accelerate's optimizer wrappers:
         self.optimizer = optimizer
 
 
-def test_find_adascale_walks_wrappers_and_reads_deepspeed_basic_optimizer():
+def test_unwrap_walks_wrappers_and_reads_deepspeed_basic_optimizer():
     adascale = AdaScale(torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1))
-    assert find_adascale(adascale) is adascale
-    assert find_adascale(_Wrapper(_Wrapper(adascale))) is adascale
+    assert unwrap(adascale) is adascale
+    assert unwrap(_Wrapper(_Wrapper(adascale))) is adascale
     engine = argparse.Namespace(basic_optimizer=adascale, optimizer=_Wrapper(adascale))
-    assert find_adascale(engine) is adascale
+    assert unwrap(engine) is adascale
     with pytest.raises(TypeError, match="found no AdaScale in _Wrapper -> SGD"):
-        find_adascale(_Wrapper(adascale.optimizer))
+        unwrap(_Wrapper(adascale.optimizer))
 
 
 def test_checkpoint_refuses_what_it_did_not_save():

@@ -4,9 +4,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from adascale_shard import advisor  # noqa: E402
-from adascale_shard.integrations.hf import enable_adascale  # noqa: E402
-from tests.integrations.test_hf_enable import make_trainer  # noqa: E402
+from adascale_shard import advisor
+from adascale_shard.integrations.hf import enable_adascale
+from tests.integrations.test_hf_enable import make_trainer
 
 
 def test_advisor_reads_a_trainer_output_dir(tmp_path, capsys):

@@ -199,7 +199,7 @@ ACCELERATE_SCRIPT = r"""
 import json, torch
 from accelerate import Accelerator
 from adascale_shard import AdaScale
-from adascale_shard.integrations.accelerate import find_adascale
+from adascale_shard import unwrap
 
 accelerator = Accelerator(cpu=True)
 out = {}
@@ -207,11 +207,11 @@ models = [torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)]
 opts = [AdaScale(torch.optim.SGD(m.parameters(), lr=0.1)) for m in models]
 accelerator.prepare(*models, *opts)
 try:
-    find_adascale(accelerator)
+    unwrap(accelerator)
     out["two"] = None
 except TypeError as err:
     out["two"] = str(err)
-out["one_of_them"] = find_adascale(accelerator._optimizers[1]) is opts[1]
+out["one_of_them"] = unwrap(accelerator._optimizers[1]) is opts[1]
 print("RESULT " + json.dumps(out))
 """
 
@@ -220,7 +220,7 @@ def test_accelerator_with_two_adascale_optimizers_asks_which(tmp_path):
     pytest.importorskip("accelerate")
     out = run_script(ACCELERATE_SCRIPT)
     assert out["two"] == (
-        "find_adascale: the Accelerator holds 2 AdaScale optimizers; pass the prepared optimizer you "
+        "unwrap: the Accelerator holds 2 AdaScale optimizers; pass the prepared optimizer you "
         "mean instead of the Accelerator"
     )
     assert out["one_of_them"]

@@ -11,12 +11,12 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer  # noqa: E402
-from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: E402
-from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3  # noqa: E402
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-from adascale_shard.integrations import deepspeed as ds  # noqa: E402
+from adascale_shard.engines import deepspeed as ds
 
 
 def engine(fp16: bool):
@@ -54,7 +54,7 @@ def test_a_subclass_that_keeps_step_is_known():
 @pytest.mark.parametrize("kind", ["fused", "overrides_step", "foreign"])
 def test_an_unknown_fp16_wrapper_is_refused(kind):
     class Overrides(DeepSpeedZeroOptimizer):
-        def step(self, closure=None):  # noqa: ARG002
+        def step(self, closure=None):
             return None
 
     class Foreign:

@@ -7,18 +7,18 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import Trainer, TrainingArguments  # noqa: E402
-from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback  # noqa: E402
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback
 
-from adascale_shard import AdaScale  # noqa: E402
-from adascale_shard.integrations.hf import (  # noqa: E402
+from adascale_shard import AdaScale
+from adascale_shard.integrations.hf import (
     AdaScaleCallback,
     AdaScaleFlowCallback,
     AdaScaleProgressCallback,
     enable_adascale,
-    find_adascale,
 )
-from tests.integrations.test_hf_trainer import _datasets, _model  # noqa: E402
+from adascale_shard.unwrap import find
+from tests.integrations.test_hf_trainer import _datasets, _model
 
 
 def make_trainer(tmp_path, **overrides):
@@ -65,15 +65,15 @@ def test_epochs_become_a_scale_invariant_budget(tmp_path):
     assert trainer.args.max_steps == 16
 
 
-def test_find_adascale_unwraps():
+def test_find_unwraps():
     opt = AdaScale(torch.nn.Linear(2, 1).parameters(), lr=0.1)
 
     class Wrapper:
         def __init__(self, inner):
             self.optimizer = inner
 
-    assert find_adascale(Wrapper(Wrapper(opt))) is opt
-    assert find_adascale(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)) is None
+    assert find(Wrapper(Wrapper(opt))) is opt
+    assert find(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)) is None
 
 
 def test_errors_name_the_setting(tmp_path):

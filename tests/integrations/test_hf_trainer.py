@@ -105,9 +105,9 @@ def _ds_config(stage: int) -> dict:
 
 def train_with_trainer(rank: int, world: int, mode: str, output_dir: str, resume: bool = False) -> dict:
     _env(rank, world)
-    import adascale_shard  # noqa: F401 - registers the DeepSpeed type
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    import adascale_shard  # noqa: F401 - registers the DeepSpeed type
     from adascale_shard.integrations.hf import enable_adascale
 
     train, val = _datasets()
@@ -140,7 +140,7 @@ def train_with_trainer(rank: int, world: int, mode: str, output_dir: str, resume
         callback = enable_adascale(trainer, optimizer="SGD", momentum=MOMENTUM)
     inputs: list[torch.Tensor] = []
 
-    def record(module, args_, kwargs):  # noqa: ANN001
+    def record(module, args_, kwargs):
         if module.training:
             inputs.append(kwargs["input_ids"].detach().clone())
 
@@ -150,7 +150,7 @@ def train_with_trainer(rank: int, world: int, mode: str, output_dir: str, resume
         def __init__(self):
             self.gains, self.taus, self.lrs = [], [], []
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+        def on_step_end(self, args, state, control, **kwargs):
             adascale = callback.adascale
             self.gains.append(adascale.gain())
             self.taus.append(adascale.tau)
@@ -187,7 +187,7 @@ def train_plain(rank: int, world: int, mode: str, inputs: list[torch.Tensor]) ->
     _env(rank, world)
     from transformers import get_linear_schedule_with_warmup
 
-    from adascale_shard import AdaScale, ScaleInvariantScheduler
+    from adascale_shard import AdaScale, follow_tau
 
     model = _model()
     gains, taus = [], []
@@ -195,7 +195,7 @@ def train_plain(rank: int, world: int, mode: str, inputs: list[torch.Tensor]) ->
     if mode == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
-        sched = ScaleInvariantScheduler(opt, get_linear_schedule_with_warmup(opt, WARMUP, BUDGET))
+        sched = follow_tau(get_linear_schedule_with_warmup(opt, WARMUP, BUDGET), opt)
         while not opt.budget_spent(BUDGET):
             for k in range(ACCUMULATION):
                 ids = next(batches)

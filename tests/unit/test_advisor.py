@@ -11,8 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adascale_shard import AdaScale
-from adascale_shard import advisor
+from adascale_shard import AdaScale, advisor
 from adascale_shard import estimators as est
 
 # -- the math ----------------------------------------------------------------------------------

@@ -116,11 +116,7 @@ def test_zero_or_missing_gradients_before_the_first_backward_are_fine():
 # -- engine integration guards -----------------------------------------------------------------------
 def regrouped(opt: AdaScale) -> None:
     """What the DeepSpeed integration does once ZeRO wraps AdaScale: one whole-model group."""
-    from adascale_shard.capture import MicroGradCapture
-
-    capture = MicroGradCapture([[p for g in opt._capture.groups for p in g]])
-    capture.snapshot_on_close = False
-    opt._replace_capture(capture)
+    opt._install_engine(opt._engine, merge_groups=True)
 
 
 def test_add_param_group_after_an_engine_regrouped_the_statistics_raises_and_changes_nothing():
@@ -129,7 +125,7 @@ def test_add_param_group_after_an_engine_regrouped_the_statistics_raises_and_cha
     extra = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(RuntimeError, match="add the group before deepspeed.initialize"):
         opt.add_param_group({"params": [extra]})
-    assert len(opt.param_groups) == 1 and len(opt._grad_var_avg) == 1  # nothing half-added
+    assert len(opt.param_groups) == 1 and opt._estimator.num_groups == 1  # nothing half-added
 
 
 def test_capture_cannot_be_replaced_once_training_started():
@@ -144,12 +140,11 @@ def test_capture_cannot_be_replaced_once_training_started():
 def test_deepspeed_wrapper_without_a_gradient_norm_names_the_tested_versions():
     """A stand-in for a future DeepSpeed whose ZeRO wrapper no longer has ``_global_grad_norm``
     (the installed one has it; see tests/integrations/test_bad_input.py for the real engine)."""
-    from adascale_shard.integrations.deepspeed import _attach_wrapper
+    from adascale_shard.engines.deepspeed import WrapperNormEngine
 
-    _, opt = make()
     engine = types.SimpleNamespace(optimizer=type("FutureZeroOptimizer", (), {})())
-    with pytest.raises(RuntimeError, match=r"FutureZeroOptimizer: it has no _global_grad_norm.*deepspeed>=0.19.8,<0.20"):
-        _attach_wrapper(engine, opt)
+    with pytest.raises(RuntimeError, match=r"FutureZeroOptimizer \(_global_grad_norm\).*deepspeed>=0.19.8,<0.20"):
+        WrapperNormEngine(engine)
 
 
 @pytest.mark.parametrize(
@@ -183,3 +178,15 @@ def test_follow_tau_refuses_a_scheduler_that_does_not_count_steps():
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt.optimizer)
     with pytest.raises(TypeError, match=r"cannot drive ReduceLROnPlateau by floor\(tau\).*step-counting"):
         follow_tau(plateau, opt)
+
+
+def test_gradients_gone_at_step_raise_instead_of_a_silent_gain():
+    """Backward passes recorded but no .grad left at step() (set to None in between, or DeepSpeed
+    ZeRO holding them while the patch is off): ||G||^2 cannot be measured, so step() refuses."""
+    model, opt = make()
+    for _ in range(2):
+        (model(torch.randn(4, 3)).pow(2).mean() / 2).backward()
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="no parameter has a .grad at step.*ADASCALE_NO_DEEPSPEED_PATCH"):
+        opt.step()
+    assert opt.tau == 0.0

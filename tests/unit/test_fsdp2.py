@@ -9,14 +9,18 @@ import pytest
 import torch
 
 from adascale_shard import AdaScale
+from adascale_shard._compat import is_dtensor
 from adascale_shard.capture import MicroGradCapture
-from adascale_shard.fsdp2 import AdaScaleStateful, check_hooks_fired, has_dtensor_params, is_dtensor
+from adascale_shard.engines import select_engine
+from adascale_shard.engines.fsdp2 import FSDP2Engine
+from adascale_shard.engines.replicated import ReplicatedEngine
+from adascale_shard.fsdp2 import AdaScaleStateful
 
 
 def test_import_adascale_shard_loads_neither_fsdp2_nor_torch_fsdp():
     code = (
         "import sys, adascale_shard; "
-        "print('adascale_shard.fsdp2' in sys.modules, 'torch.distributed.fsdp' in sys.modules)"
+        "print('adascale_shard.engines.fsdp2' in sys.modules, 'torch.distributed.fsdp' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout
@@ -25,7 +29,7 @@ def test_import_adascale_shard_loads_neither_fsdp2_nor_torch_fsdp():
 def test_plain_tensors_are_not_dtensors():
     p = torch.nn.Parameter(torch.ones(3))
     assert not is_dtensor(p) and not is_dtensor(None)
-    assert not has_dtensor_params([{"params": [p]}])
+    assert isinstance(select_engine([{"params": [p]}], lambda: (0, 1)), ReplicatedEngine)
 
 
 def test_owner_grad_tells_a_reset_between_passes_not_the_hooked_tensor():
@@ -34,7 +38,7 @@ def test_owner_grad_tells_a_reset_between_passes_not_the_hooked_tensor():
     unsharded = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     sharded = torch.nn.Parameter(torch.zeros(2))
     capture = MicroGradCapture([[sharded]], hook=False)
-    capture.sharded_grads = True
+    capture.engine = FSDP2Engine()
     capture.hook_parameter(unsharded, 0, owner=sharded)
 
     def micro_step(scale: float) -> None:
@@ -54,13 +58,17 @@ def test_owner_grad_tells_a_reset_between_passes_not_the_hooked_tensor():
     assert capture.micro_sqr.item() == pytest.approx(2 * 9.0)
 
 
-def test_check_hooks_fired_ignores_plain_parameters():
+def test_unrecorded_plain_gradients_name_backward_not_attach():
     model = torch.nn.Linear(3, 1)
     opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1))
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    check_hooks_fired(opt)  # no DTensor: nothing to say (the optimizer's own check covers plain
-    # parameters: hand-set gradients that no hook saw raise, see tests/unit/test_errors.py)
+    # No DTensor: the message is about backward(), not attach() (hand-set gradients that no hook
+    # saw; see tests/unit/test_errors.py), on either engine.
+    for engine in (FSDP2Engine(), opt._engine):
+        with pytest.raises(RuntimeError, match="no backward pass was recorded") as err:
+            engine.check_hooks_fired(opt.param_groups)
+        assert "attach" not in str(err.value)
     with pytest.raises(RuntimeError, match="no backward pass was recorded"):
         opt.step()
     assert opt.tau == 0.0
@@ -72,7 +80,7 @@ def test_attach_refuses_a_model_without_fully_shard_and_changes_nothing():
     capture = opt._capture
     with pytest.raises(ValueError, match="has no fully_shard module"):
         opt.attach(model)
-    assert opt._capture is capture and capture.num_hooks == 2 and not capture.sharded_grads
+    assert opt._capture is capture and capture.num_hooks == 2 and isinstance(opt._engine, ReplicatedEngine)
     model(torch.ones(2, 3)).sum().backward()
     assert capture.passes == 1
 
@@ -90,7 +98,8 @@ def test_local_shard_of_a_dtensor_is_its_local_tensor_without_to_local(tmp_path)
     code = f"""
 import torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
-from adascale_shard.capture import grad_sqr_norms, local_shard
+from adascale_shard._compat import local_shard
+from adascale_shard.engines.base import grad_sqr_norms
 dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
 mesh = init_device_mesh("cpu", (1,))
 full = torch.arange(12.0).reshape(4, 3)

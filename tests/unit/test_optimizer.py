@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from adascale_shard import AdaScale, ScaleInvariantScheduler
+from adascale_shard import AdaScale, follow_tau
 
 
 def make_model(seed=0):
@@ -397,7 +397,7 @@ def test_one_host_synchronisation_per_update(monkeypatch):
             torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: syncs.append(_n) or _f(self, *a, **k)
         )
     for replicas in [(0, 1), (1, 2)]:  # ||G||^2 whole (one process), or a DDP rank's share of it
-        opt._capture.replicas = lambda replicas=replicas: replicas
+        opt._engine.replicas = lambda replicas=replicas: replicas
         accumulate(m, micro_batches(0, 4))
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)  # a clip the probes undo
         syncs.clear()
@@ -502,8 +502,8 @@ def test_load_state_dict_errors_and_plain_optimizer_state():
 def test_scheduler_is_read_at_floor_tau():
     m = make_model()
     opt = AdaScale(torch.optim.SGD(m.parameters(), lr=1.0))
-    lam = lambda step: 0.9**step  # noqa: E731
-    sched = ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.LambdaLR(opt, lam))
+    lam = lambda step: 0.9**step
+    sched = follow_tau(torch.optim.lr_scheduler.LambdaLR(opt, lam), opt)
     seen = []
     for u in range(5):
         assert opt.param_groups[0]["lr"] == pytest.approx(lam(math.floor(opt.tau)))
@@ -522,11 +522,33 @@ def test_scheduler_adapter_checks_its_inputs():
     opt = AdaScale(m.parameters(), lr=0.1)
     sgd = torch.optim.SGD(make_model().parameters(), lr=0.1)
     with pytest.raises(TypeError, match="AdaScale"):
-        ScaleInvariantScheduler(sgd, torch.optim.lr_scheduler.StepLR(sgd, 1))
+        follow_tau(torch.optim.lr_scheduler.StepLR(sgd, 1), sgd)
     with pytest.raises(ValueError, match="another optimizer"):
-        ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.StepLR(sgd, 1))
+        follow_tau(torch.optim.lr_scheduler.StepLR(sgd, 1), opt)
     with pytest.raises(TypeError, match="count steps"):
-        ScaleInvariantScheduler(opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt))
+        follow_tau(torch.optim.lr_scheduler.ReduceLROnPlateau(opt), opt)
+
+
+def test_a_tau_following_scheduler_pickles_deep_copies_and_saves_as_before():
+    import pickle
+
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=1.0))
+    base = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(make_model().parameters(), lr=1.0), 3)
+    sched = follow_tau(torch.optim.lr_scheduler.StepLR(opt.optimizer, 3), opt)  # on the base optimizer
+    assert follow_tau(sched, opt) is sched  # idempotent
+    assert set(sched.state_dict()) == set(base.state_dict())  # nothing of AdaScale's is saved
+    for _ in range(3):
+        accumulate(m, micro_batches(0, 4))
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert sched.last_epoch == math.floor(opt.tau) > 3
+    for copied in (pickle.loads(pickle.dumps(sched)), copy.deepcopy(sched)):
+        assert type(copied) is torch.optim.lr_scheduler.StepLR  # the user's class again
+        assert copied.state_dict() == sched.state_dict()
+        with pytest.raises(ValueError, match="another optimizer"):  # it drives a copy of the SGD
+            follow_tau(copied, opt)
 
 
 def test_budget():
@@ -591,8 +613,24 @@ def test_merged_groups_keep_their_hooks_and_sum_into_one():
     grouped = AdaScale([{"params": m1[0].parameters()}, {"params": m1[2].parameters()}], lr=0.1)
     single = AdaScale(m2.parameters(), lr=0.1)
     hooks = grouped._capture.num_hooks
-    grouped._capture.merge_groups()
-    grouped._replace_capture(grouped._capture)
-    assert grouped._capture.num_hooks == hooks and len(grouped._grad_var_avg) == 1
+    grouped._install_engine(grouped._engine, merge_groups=True)
+    assert grouped._capture.num_hooks == hooks and grouped._estimator.num_groups == 1
     for (g1, t1), (g2, t2) in zip(train(m1, grouped, 2), train(m2, single, 2)):
         assert g1 == pytest.approx(g2, rel=1e-9) and t1 == pytest.approx(t2, rel=1e-9)
+
+
+def test_a_deepspeed_json_scheduler_is_read_at_floor_tau():
+    """DeepSpeed's JSON schedulers take the iteration in step(last_batch_iteration): after
+    follow_tau each step() sets it to floor(tau) - 1 (DeepSpeed's convention), whoever calls it."""
+    lr_schedules = pytest.importorskip("deepspeed.runtime.lr_schedules")
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=1.0))
+    sched = follow_tau(lr_schedules.WarmupLR(opt, warmup_min_lr=0.0, warmup_max_lr=1.0, warmup_num_steps=50), opt)
+    for u in range(4):
+        accumulate(m, micro_batches(u, 4))
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        sched.step()  # called twice per update: still at floor(tau)
+        assert sched.last_batch_iteration == math.floor(opt.tau) - 1
+    assert math.floor(opt.tau) > 4

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from adascale_shard.capture import MicroGradCapture, replica_share
+from adascale_shard.capture import MicroGradCapture
+from adascale_shard.engines.replicated import ReplicatedEngine, replica_share
 
 
 def shapes_to_groups(shapes_per_group):
@@ -49,20 +50,18 @@ def test_capture_measures_its_share_only_with_replicas_and_says_so():
         p.grad = torch.randn_like(p)
     full = torch.tensor([sum(float(p.grad.double().square().sum()) for p in params) for params in groups], dtype=torch.float64)
     capture = MicroGradCapture(groups)
-    capture.snapshot_grad_sqr()
-    torch.testing.assert_close(capture.grad_sqr, full)
-    assert not capture.grad_sqr_is_part
+    engine = ReplicatedEngine(lambda: (0, 1))
+    engine.snapshot(capture)
+    torch.testing.assert_close(engine.take_grad_sqr(capture)[0], full)
+    assert not engine.grad_sqr_is_part(capture)
     parts = []
     for rank in range(2):
-        capture.replicas = lambda rank=rank: (rank, 2)
-        capture.snapshot_grad_sqr()
-        assert capture.grad_sqr_is_part
-        parts.append(capture.grad_sqr)
+        engine.replicas = lambda rank=rank: (rank, 2)
+        engine.snapshot(capture)
+        assert engine.grad_sqr_is_part(capture)
+        parts.append(engine.take_grad_sqr(capture)[0])
     torch.testing.assert_close(parts[0] + parts[1], full)
     assert all(float(part.sum()) < 0.99 * float(full.sum()) for part in parts)
-    # An engine that supplies the global norm itself (ZeRO) is never summed over ranks.
-    capture.grad_sqr_fn = lambda: full
-    assert not capture.grad_sqr_is_part
 
 
 def test_a_replaced_group_of_the_same_size_is_dealt_anew():
@@ -73,9 +72,9 @@ def test_a_replaced_group_of_the_same_size_is_dealt_anew():
     for p in new[0]:
         p.grad.mul_(2.0)  # new squares are 4x the old ones
     capture = MicroGradCapture(old)
-    capture.replicas = lambda: (0, 2)
-    capture.snapshot_grad_sqr()
-    before = float(capture.grad_sqr.sum())
+    engine = ReplicatedEngine(lambda: (0, 2))
+    engine.snapshot(capture)
+    before = float(engine.take_grad_sqr(capture)[0].sum())
     capture.groups[0] = list(new[0])  # as an engine swapping the parameters would
-    capture.snapshot_grad_sqr()
-    assert float(capture.grad_sqr.sum()) == pytest.approx(4 * before)
+    engine.snapshot(capture)
+    assert float(engine.take_grad_sqr(capture)[0].sum()) == pytest.approx(4 * before)

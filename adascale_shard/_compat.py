@@ -1,0 +1,138 @@
+"""Every private API of torch, FSDP2 and DeepSpeed that adascale_shard uses, in one place.
+
+Each accessor checks, the first time it is used, that the private attribute exists in the
+installed version, and otherwise fails with what to install (the way the DeepSpeed integration
+checks the engine methods it patches). Nothing here imports FSDP2, DTensor or DeepSpeed before it
+is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "current_graph_task_id",
+    "current_autograd_node",
+    "will_engine_execute_node",
+    "queue_callback",
+    "foreach_norm",
+    "is_dtensor",
+    "local_shard",
+    "fsdp_state",
+    "fsdp_param_groups",
+    "fsdp_mesh_info_classes",
+    "global_grad_norm",
+    "accelerator_optimizers",
+    "missing",
+]
+
+TORCH_INSTALL = "pip install 'torch>=2.6,<2.15'"
+DEEPSPEED_INSTALL = "pip install 'adascale-shard[deepspeed]' (deepspeed>=0.19.8,<0.20)"
+
+
+def missing(what: str, package: str, install: str) -> RuntimeError:
+    """The error for a private API that this installed version lacks."""
+    return RuntimeError(
+        f"adascale_shard needs {what}, which the installed {package} does not have. Install a tested "
+        f"version: {install}"
+    )
+
+
+@functools.cache
+def _torch_private(owner: str, name: str) -> Callable[..., Any]:
+    obj = {"torch._C": torch._C, "torch": torch, "engine": torch.autograd.Variable._execution_engine}[owner]
+    fn = getattr(obj, name, None)
+    if fn is None:
+        raise missing(f"{owner}.{name}", f"torch {torch.__version__}", TORCH_INSTALL)
+    return fn
+
+
+def current_graph_task_id() -> Callable[[], int]:
+    """``torch._C._current_graph_task_id``: which backward pass a hook runs in."""
+    return _torch_private("torch._C", "_current_graph_task_id")
+
+
+def current_autograd_node() -> Any:
+    """The autograd node being evaluated (``torch._C._current_autograd_node``)."""
+    return _torch_private("torch._C", "_current_autograd_node")()
+
+
+def will_engine_execute_node(node: Any) -> bool:
+    """``torch._C._will_engine_execute_node``; raises ``RuntimeError`` for a leaf's node inside
+    ``torch.autograd.grad()``."""
+    return _torch_private("torch._C", "_will_engine_execute_node")(node)
+
+
+def queue_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the running backward pass ends (the autograd engine's final callbacks)."""
+    _torch_private("engine", "queue_callback")(callback)
+
+
+def foreach_norm() -> Callable[..., list[torch.Tensor]]:
+    """``torch._foreach_norm``: one fused kernel for the norms of many tensors."""
+    return _torch_private("torch", "_foreach_norm")
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor``, without importing the DTensor package (if
+    it was never imported, no DTensor can exist)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def local_shard(grad: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor gradient (FSDP2), or the tensor itself."""
+    # DTensor.to_local() is an autograd Function, costly per call on many tensors
+    # (benchmarks/overhead_micro.py); the shard it returns is the DTensor's _local_tensor.
+    local = getattr(grad, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        return local
+    return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
+def fsdp_state(module: torch.nn.Module) -> Any:
+    """The FSDP2 state of ``module`` (``None`` if ``fully_shard`` was not applied to it)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
+    except ImportError as err:
+        raise missing("FSDP2's _get_module_fsdp_state", f"torch {torch.__version__}", TORCH_INSTALL) from err
+    return _get_module_fsdp_state(module)
+
+
+def fsdp_param_groups(state: Any) -> list[Any]:
+    """An FSDP2 state's parameter groups (each with ``fsdp_params``, ``mesh_info``, ...)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        raise missing("FSDPState._fsdp_param_groups", f"torch {torch.__version__}", TORCH_INSTALL)
+    return groups
+
+
+def fsdp_mesh_info_classes() -> tuple[type, type]:
+    """FSDP2's ``(FSDPMeshInfo, DDPMeshInfo)``: which layout a parameter group is sharded with."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo, FSDPMeshInfo
+    except ImportError as err:
+        raise missing("FSDP2's FSDPMeshInfo and DDPMeshInfo", f"torch {torch.__version__}", TORCH_INSTALL) from err
+    return FSDPMeshInfo, DDPMeshInfo
+
+
+def global_grad_norm(wrapper: Any) -> Any:
+    """A DeepSpeed ZeRO/fp16/bf16 wrapper's pre-clip ``_global_grad_norm`` of the last step."""
+    if not hasattr(wrapper, "_global_grad_norm"):
+        raise missing(
+            f"the gradient norm of DeepSpeed's {type(wrapper).__name__} (_global_grad_norm)", "DeepSpeed", DEEPSPEED_INSTALL
+        )
+    return wrapper._global_grad_norm
+
+
+def accelerator_optimizers(accelerator: Any) -> list[Any]:
+    """The optimizers an ``accelerate.Accelerator`` prepared (its ``_optimizers``)."""
+    optimizers = getattr(accelerator, "_optimizers", None)
+    if optimizers is None:
+        raise missing("Accelerator._optimizers", "accelerate", "pip install 'adascale-shard[accelerate]'")
+    return optimizers

@@ -1,0 +1,119 @@
+"""The protocol every engine implements, with the defaults most share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._compat import is_dtensor, local_shard
+from ..capture import norm_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..capture import MicroGradCapture
+
+__all__ = ["Engine", "NO_BACKWARD_RECORDED", "ATTACH_FIX", "grad_sqr_norms"]
+
+ATTACH_FIX = (
+    "call opt.attach(model) once, after fully_shard(...) (or accelerator.prepare(...)) and before "
+    "the first forward"
+)
+
+NO_BACKWARD_RECORDED = (
+    "AdaScale: the parameters have gradients but no backward pass was recorded, so "
+    "the gain would stay 1 and tau at 0 (budget_spent() would never come true). "
+    "AdaScale's hooks see the gradients that backward() (loss.backward(), "
+    "torch.autograd.backward) accumulates into the .grad of the parameters it was "
+    "built on; gradients computed with torch.autograd.grad or torch.func and "
+    "assigned to .grad, or computed on other parameter objects (a model copied or "
+    "rebuilt after the optimizer), are not seen. Compute the gradients with "
+    "backward(), on the parameters AdaScale was built on"
+)
+
+
+class Engine:
+    """What differs per engine, per update. Subclasses override what they change.
+
+    Attributes:
+        hooks_parameters (bool): the capture hooks the optimizer's own parameters (``False``:
+            the engine hooks the tensors that really receive the micro-gradients, FSDP2's
+            unsharded parameters).
+        detects_reset (bool): the capture drops a window whose ``.grad`` was reset before the next
+            backward pass without a ``step()``. ``False`` where the engine frees ``.grad`` after
+            every pass itself (ZeRO) and ends skipped windows itself.
+        loss_scale (float): what the loss of this window's backward passes was multiplied by (an
+            fp16 loss scale); the micro-gradient squares are divided by its square.
+    """
+
+    hooks_parameters = True
+    detects_reset = True
+    loss_scale = 1.0
+
+    def grad_sqr_is_part(self, capture: MicroGradCapture) -> bool:
+        """Whether :meth:`take_grad_sqr` is this rank's part of ``||G||^2``, summed over the ranks
+        in the optimizer's all-reduce (a shard, or a share of replicated gradients)."""
+        raise NotImplementedError
+
+    def on_pass_closed(self, capture: MicroGradCapture) -> None:
+        """A backward pass ended (after the engine's own reduction callbacks)."""
+
+    def take_grad_sqr(self, capture: MicroGradCapture) -> tuple[torch.Tensor, torch.Tensor]:
+        """``||G||^2`` per statistics group (float64, on ``capture.device``) or this rank's part of
+        it, and probe norms for :meth:`unclip_factor` (empty if none). No host synchronisation: the
+        optimizer reads both in the update's one transfer."""
+        raise NotImplementedError
+
+    def unclip_factor(self, probes: Sequence[float]) -> float:
+        """What :meth:`take_grad_sqr` is multiplied by to be the pre-clip value (1 by default)."""
+        return 1.0
+
+    def end_window(self) -> None:
+        """The update consumed the window (or it was dropped): forget what it measured."""
+
+    def check_hooks_fired(self, param_groups: Sequence[dict[str, Any]]) -> None:
+        """Raise if the parameters have non-zero gradients although no backward pass was ever
+        recorded. Zero gradients (the state-building ``step()`` of ZeRO's wrappers and of torch's
+        distributed checkpoint) are fine."""
+        for group in param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None or grad.numel() == 0:
+                    continue
+                values = local_shard(grad) if is_dtensor(p) else grad._values() if grad.is_sparse else grad
+                if bool(values.count_nonzero()):
+                    raise RuntimeError(self._unrecorded_message(is_dtensor(p)))
+
+    def _unrecorded_message(self, dtensor: bool) -> str:
+        if dtensor:
+            return (
+                "AdaScale: the FSDP2 (DTensor) parameters have gradients but no backward pass was "
+                "recorded, because the hooks were never attached; the gain would silently stay 1. Fix: "
+                f"{ATTACH_FIX}"
+            )
+        return NO_BACKWARD_RECORDED
+
+
+def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Squared norm of the ``.grad`` of each group, as a float64 tensor on ``device``; a DTensor
+    (FSDP2) contributes its local shard. One fused kernel per dtype, no host synchronisation."""
+    from .._compat import foreach_norm, local_shard
+
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    out = []
+    for params in groups:
+        grads = [p.grad for p in params]
+        grads = [g if type(g) is torch.Tensor else local_shard(g) for g in grads if g is not None]
+        dtypes = {g.dtype for g in grads}
+        norms = []
+        for dtype in dtypes:
+            same = grads if len(dtypes) == 1 else [g for g in grads if g.dtype == dtype]
+            norms += foreach_norm()(same, 2, dtype=norm_dtype(dtype))
+        if norms:
+            if len(dtypes) > 1:
+                norms = [n.to(torch.float64) for n in norms]
+            norms = torch.stack(norms).to(device=device, dtype=torch.float64)
+            out.append(torch.dot(norms, norms))
+        else:
+            out.append(zero)
+    return torch.stack(out)

@@ -1,0 +1,169 @@
+"""DeepSpeed ZeRO-0/1/2/3: where ``||G||^2`` comes from once ``deepspeed.initialize`` has wrapped
+AdaScale (connected by :mod:`adascale_shard.integrations.deepspeed`'s patch, via :func:`attach`).
+
+* ZeRO-1/2/3, bf16, fp16: DeepSpeed wraps AdaScale in an optimizer (a "wrapper") that computes
+  the pre-clip global norm of the reduced gradient before it calls AdaScale's ``step()``;
+  :class:`WrapperNormEngine` reads it. DeepSpeed reports one norm, so the statistics become one
+  whole-model group. Under fp16 the norm and the micro-gradients are brought to the units of the
+  unscaled gradient per wrapper kind (:data:`_FP16_WRAPPERS`, docs/deepspeed-fp16.md).
+* ZeRO-0 in fp32 (no wrapper): every rank holds the full reduced ``.grad`` right after the
+  engine's all-reduce and before it clips them; a replicated engine measures it there.
+
+Local micro-gradients come from the capture's tensor hooks, which fire before DeepSpeed's own
+reduction hooks in every stage (ZeRO-3 keeps the same ``Parameter`` objects). ZeRO frees or moves
+``.grad`` after every pass, so these engines do not detect resets: an update the engine skips
+(fp16 overflow) is dropped by the patch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._compat import DEEPSPEED_INSTALL, global_grad_norm
+from .base import Engine
+from .replicated import ReplicatedEngine
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..capture import MicroGradCapture
+    from ..optimizer import AdaScale
+
+__all__ = ["attach", "WrapperNormEngine", "refuse_unscaled_fp16_step"]
+
+
+def _loss_scale(wrapper: Any) -> float:
+    scale = getattr(wrapper, "loss_scale", None)
+    if scale is None:
+        scale = getattr(wrapper, "cur_scale", 1.0)
+    scale = float(scale)
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
+def attach(engine: Any, adascale: AdaScale) -> None:
+    """Install the engine for the way DeepSpeed wrapped ``adascale`` (before training starts)."""
+    if engine.zero_optimization() and getattr(engine, "zero_cpu_offload", lambda: False)():
+        raise ValueError(
+            "AdaScale does not support ZeRO-Offload yet (zero_optimization.offload_optimizer): "
+            "remove offload_optimizer from the DeepSpeed config"
+        )
+    if engine.optimizer is adascale:
+        _attach_replicated(engine, adascale)
+    else:
+        adascale._install_engine(WrapperNormEngine(engine), merge_groups=True)
+
+
+def _attach_replicated(engine: Any, adascale: AdaScale) -> None:
+    """ZeRO-0 in fp32: measured right after the engine's all-reduce, before ``_take_model_step``
+    clips (autograd returns before DeepSpeed reduces)."""
+    replicated = ReplicatedEngine(adascale._engine.replicas, measure_at_step=False, detects_reset=False)
+    adascale._install_engine(replicated)
+    allreduce = engine.allreduce_gradients
+
+    def allreduce_gradients(*args, **kwargs):
+        result = allreduce(*args, **kwargs)
+        if engine.is_gradient_accumulation_boundary() and adascale._capture.passes:
+            replicated.snapshot(adascale._capture)
+        return result
+
+    engine.allreduce_gradients = allreduce_gradients
+
+
+def before_model_step(adascale: AdaScale) -> None:
+    """Called by the patch before the engine's model step: the loss scale of this window's
+    backward passes, read before the wrapper updates it in its ``step()``."""
+    if isinstance(adascale._engine, WrapperNormEngine):
+        adascale._engine.record_backward_scale()
+
+
+class WrapperNormEngine(Engine):
+    """``||G||^2`` from a ZeRO/bf16/fp16 wrapper's ``_global_grad_norm`` (already reduced over
+    the ranks and pre-clip), in the units of the unscaled gradient."""
+
+    detects_reset = False  # ZeRO frees .grad after each pass; the patch ends skipped windows
+
+    def __init__(self, engine: Any) -> None:
+        self.wrapper = engine.optimizer
+        global_grad_norm(self.wrapper)  # checked now, with the install command if missing
+        self._backward_scale, self._norm_factor = _fp16_wrapper_kind(engine, self.wrapper)
+        refuse_unscaled_fp16_step(engine, self.wrapper)
+        self.loss_scale = 1.0
+
+    def record_backward_scale(self) -> None:
+        self.loss_scale = self._backward_scale(self.wrapper)
+
+    def grad_sqr_is_part(self, capture: MicroGradCapture) -> bool:
+        return False
+
+    def take_grad_sqr(self, capture: MicroGradCapture) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = global_grad_norm(self.wrapper)
+        if norm is None:
+            raise RuntimeError(
+                "AdaScale needs DeepSpeed's gradient norm, but it was not computed: remove "
+                '"compute_grad_norm": false from zero_optimization'
+            )
+        # loss_scale: the backward passes' scale; _loss_scale(wrapper): after the wrapper's update.
+        factor = self._norm_factor(self.loss_scale, _loss_scale(self.wrapper))
+        norm = torch.as_tensor(norm, dtype=torch.float64, device=capture.device) * factor
+        return norm.square().reshape(1), torch.zeros(0, dtype=torch.float64, device=capture.device)
+
+
+_FP16_WRAPPERS = {
+    # Not a ZeROOptimizer: the engine never scales its loss (only its unused backward() would), so the
+    # gradients and their norm are unscaled while loss_scale grows (its "norm*scale" comment is moot).
+    ("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer"): (
+        lambda wrapper: 1.0,
+        lambda backward, now: 1.0 / backward,
+    ),
+    # Scaled by loss_scaler; the norm is divided by prev_scale, the backward passes' scale.
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"): (
+        _loss_scale,
+        lambda backward, now: 1.0,
+    ),
+    # Scaled by loss_scaler; the norm is divided by the scale after _update_scale (new on a growth).
+    ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"): (
+        _loss_scale,
+        lambda backward, now: now / backward,
+    ),
+}
+
+
+
+
+def _fp16_wrapper_kind(engine: Any, wrapper: Any) -> tuple[Any, Any]:
+    """The :data:`_FP16_WRAPPERS` entry of the class whose ``step()`` the wrapper runs. Without
+    fp16 nothing is scaled; with fp16 an unknown wrapper is refused rather than guessed."""
+    owner = next((cls for cls in type(wrapper).__mro__ if "step" in vars(cls)), type(wrapper))
+    kind = _FP16_WRAPPERS.get((owner.__module__, owner.__qualname__))
+    if kind is not None:
+        return kind
+    if engine.fp16_enabled():
+        raise RuntimeError(
+            f"AdaScale does not know how DeepSpeed's {type(wrapper).__name__} (step() of "
+            f"{owner.__module__}.{owner.__qualname__}) scales the gradients and their norm under fp16 "
+            f"loss scaling, so its gain would be wrong. Install a tested DeepSpeed version: {DEEPSPEED_INSTALL}, "
+            "or train in bf16"
+        )
+    return (lambda wrapper: 1.0), (lambda backward, now: 1.0)
+
+
+def refuse_unscaled_fp16_step(engine: Any, wrapper: Any) -> None:
+    """Refuse DeepSpeed 0.19's ZeRO-0 fp16 path for optimizers other than FusedAdam: the engine
+    never scales the loss of ``FP16_UnfusedOptimizer`` (not a ``ZeROOptimizer``), yet its ``step()``
+    divides the gradients by the loss scale, so every update would be ``loss_scale`` times too small,
+    with or without AdaScale (docs/deepspeed-fp16.md)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    unfused = any(
+        cls.__module__ == "deepspeed.runtime.fp16.unfused_optimizer" and cls.__qualname__ == "FP16_UnfusedOptimizer"
+        for cls in type(wrapper).__mro__
+    )
+    if engine.fp16_enabled() and unfused and not isinstance(wrapper, ZeROOptimizer):
+        raise ValueError(
+            "AdaScale refuses DeepSpeed ZeRO stage 0 with fp16: DeepSpeed wraps every optimizer but "
+            "FusedAdam in FP16_UnfusedOptimizer, whose step() divides the gradients by a loss scale "
+            f"(now {_loss_scale(wrapper):g}) that engine.backward() never applied, so each update would "
+            "be that many times too small. Use \"zero_optimization\": {\"stage\": 1} (or 2, 3) with "
+            "fp16, or \"bf16\": {\"enabled\": true} (docs/deepspeed-fp16.md#zero-0)"
+        )

@@ -1,0 +1,303 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): exact AdaScale statistics on sharded gradients.
+
+Where the two squared norms come from:
+
+* ``sum_i ||g_i||^2``: FSDP2 keeps each parameter as a sharded DTensor between iterations and
+  all-gathers an *unsharded* ``nn.Parameter`` (a plain tensor, one per ``FSDPParam``) for forward
+  and backward. Autograd writes the local micro-gradient of each backward pass into that unsharded
+  tensor before FSDP2 reduce-scatters it, so a gradient hook on the unsharded parameter
+  (``MicroGradCapture.hook_parameter``) sees exactly ``h_rk``, also when
+  ``set_requires_gradient_sync(False)`` makes FSDP2 accumulate unsharded gradients over several
+  passes (in ``.grad``, or in an fp32 buffer under a bf16 ``MixedPrecisionPolicy``), since the
+  hook runs before that accumulation. A hook on the sharded DTensor never fires: it is not used
+  in forward.
+* ``||G||^2``: after the reduce-scatter the sharded DTensor ``.grad`` on each rank holds its shard
+  of ``G = (1/W) sum_r sum_k h_rk`` (FSDP2's default divide factor is the shard group's size;
+  a custom ``set_gradient_divide_factor`` is refused). The squares of the local shards are summed
+  over ranks inside the one all-reduce the optimizer already does per update
+  (:class:`FSDP2Engine`); they are taken when the last backward pass ends,
+  so ``clip_grad_norm_`` between backward and ``step()`` does not change them.
+
+When the hooks attach: :func:`attach` (called by :meth:`AdaScale.attach`) registers a forward
+pre-hook on every module that ``fully_shard`` was applied to. It runs after FSDP2's own pre-hook
+(FSDP2 prepends its hook), when the unsharded parameters exist, and hooks each unsharded parameter
+the first time it is seen (FSDP2 re-uses the same tensor for every all-gather, with
+``reshard_after_forward`` True or False; a re-created one would be hooked on its next forward).
+The optimizer's ``param_groups`` are re-read whenever they change, so a later swap of the
+optimizer's parameters (Accelerate's ``prepare``) is followed.
+
+Limits: 1-D meshes only (no HSDP, no FSDP2 + tensor parallelism), and every trainable parameter
+of the optimizer must be sharded by ``fully_shard`` (wrap the root module too).
+
+Why ``||G||^2`` is complete when it is taken: the capture snapshots ``.grad`` in a callback
+that it queues on the autograd engine at the first hooked gradient of a backward pass (and queues
+once more from there). FSDP2 queues its root post-backward callback from the backward hook of
+its modules' *outputs*, which fires before any parameter gradient of that module is computed, so
+before the capture's first hook; queued callbacks run in order, so FSDP2's callback (the post-
+backward of groups whose inputs need no gradient, e.g. a root holding the token embedding, and
+the wait on every reduce-scatter) finishes before the snapshot. The tests check this order and
+the resulting statistics against a single-process reference.
+
+Only ``torch`` is imported at module level; FSDP2 internals are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._compat import fsdp_mesh_info_classes, fsdp_param_groups, fsdp_state, is_dtensor
+from .base import Engine, grad_sqr_norms
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..capture import MicroGradCapture
+    from ..optimizer import AdaScale
+
+__all__ = ["FSDP2Engine", "attach", "FSDP2Hooks", "check_not_mixed"]
+
+logger = logging.getLogger(__name__)
+
+
+
+def check_not_mixed(param_groups: Sequence[dict[str, Any]]) -> None:
+    plain = [
+        tuple(p.shape)
+        for group in param_groups
+        for p in group["params"]
+        if p.requires_grad and not is_dtensor(p)
+    ]
+    if plain:
+        raise ValueError(
+            f"AdaScale got FSDP2 (DTensor) parameters together with {len(plain)} plain tensors "
+            f"(shapes {plain[:4]}{'...' if len(plain) > 4 else ''}). On FSDP2 every trainable "
+            "parameter must be sharded: apply fully_shard to the root module as well "
+            "(fully_shard(model) after the submodules)"
+        )
+
+
+class FSDP2Engine(Engine):
+    """``||G||^2`` of FSDP2's sharded gradients: each rank's DTensor shards, read when the last
+    backward pass ends (after the reduce-scatter), summed over the ranks. The capture hooks no
+    parameter itself: :func:`attach` hooks the unsharded parameters that receive the gradients."""
+
+    hooks_parameters = False
+
+    def __init__(self) -> None:
+        self._grad_sqr: torch.Tensor | None = None
+        self.hooks: FSDP2Hooks | None = None  # set by attach()
+
+    def grad_sqr_is_part(self, capture: MicroGradCapture) -> bool:
+        return True
+
+    def on_pass_closed(self, capture: MicroGradCapture) -> None:
+        self._grad_sqr = grad_sqr_norms(capture.groups, capture.device)
+
+    def take_grad_sqr(self, capture: MicroGradCapture) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._grad_sqr is None:
+            self._grad_sqr = torch.zeros(len(capture.groups), dtype=torch.float64, device=capture.device)
+        return self._grad_sqr, torch.zeros(0, dtype=torch.float64, device=capture.device)
+
+    def _unrecorded_message(self, dtensor: bool) -> str:
+        if self.hooks is None or not dtensor:
+            return super()._unrecorded_message(dtensor)
+        return (
+            "AdaScale: the FSDP2 (DTensor) parameters have gradients but the hooks attached by "
+            "attach(model) never fired: the model given to attach() is not the one that ran forward "
+            "and backward, or its gradients were computed without backward(). Attach the model you "
+            "train"
+        )
+
+
+def _fsdp_states(model: nn.Module) -> list[Any]:
+    """The FSDP2 states of ``model`` and its submodules, each once, in module order."""
+    states: list[Any] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        state = fsdp_state(module)
+        if state is not None and id(state) not in seen:
+            seen.add(id(state))
+            states.append(state)
+    return states
+
+
+def _check_group(param_group: Any, ranks: int) -> None:
+    """Refuse the FSDP2 layouts whose reduced gradient is not the mean of the micro-gradients
+    over ``ranks`` (the estimator's normalisation)."""
+    FSDPMeshInfo, DDPMeshInfo = fsdp_mesh_info_classes()
+    mesh_info = param_group.mesh_info
+    name = param_group._module_fqn or "<module>"
+    plain = isinstance(mesh_info, FSDPMeshInfo) and not isinstance(mesh_info, DDPMeshInfo)
+    if not plain or mesh_info.mesh.ndim != 1:
+        raise NotImplementedError(
+            f"AdaScale on FSDP2 supports a 1-D device mesh (plain sharding); {name} uses "
+            f"{type(mesh_info).__name__} on a {mesh_info.mesh.ndim}-D mesh (HSDP / replicate / "
+            "2-D). Use fully_shard(module, mesh=init_device_mesh(device, (world_size,)))"
+        )
+    if mesh_info.shard_mesh_size != ranks:
+        raise ValueError(
+            f"AdaScale's process group has {ranks} ranks but FSDP2 shards {name} over "
+            f"{mesh_info.shard_mesh_size}: pass AdaScale(..., process_group=<the FSDP2 mesh's group>)"
+        )
+    factor = param_group.gradient_divide_factor
+    if factor is not None and factor != mesh_info.shard_mesh_size:
+        raise ValueError(
+            f"{name} has set_gradient_divide_factor({factor}); AdaScale needs FSDP2's default "
+            f"average over the {mesh_info.shard_mesh_size} ranks (the applied gradient must be the "
+            "mean of the micro-gradients). Remove the custom divide factor and scale the loss instead"
+        )
+
+
+class FSDP2Hooks:
+    """The hooks :func:`attach` installs; :meth:`remove` takes them off.
+
+    Forward pre-hooks on every ``fully_shard`` module hook the unsharded parameters into the
+    optimizer's capture, with the sharded parameter as the ``.grad`` owner (its DTensor gradient
+    is what the optimizer applies, and what tells a ``zero_grad`` between passes).
+    """
+
+    def __init__(self, optimizer: AdaScale, states: Sequence[Any]) -> None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        from ..distributed import world_size
+
+        self._optimizer_ref = weakref.ref(optimizer)
+        self._ranks = world_size(optimizer.process_group)
+        self._states = list(states)
+        self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._group_of: dict[int, int] = {}
+        self._signature: tuple[tuple[int, int], ...] = ()
+        self._sync_groups(optimizer)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        for state in self._states:
+            for module in state._modules:
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_forward(state)))
+        # Parameters already unsharded now (reshard_after_forward=False after a forward) get
+        # their hook at once; the others on their next forward.
+        for state in self._states:
+            self._hook_unsharded(state, optimizer)
+
+    # -- groups -------------------------------------------------------------------------------
+    def _sync_groups(self, optimizer: AdaScale) -> None:
+        """Follow the optimizer's ``param_groups`` (a swap of its parameters, a new group)."""
+        groups = optimizer.param_groups
+        signature = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        if signature == self._signature:
+            return
+        capture = optimizer._capture
+        check_not_mixed(groups)
+        for index, group in enumerate(groups):
+            if index < len(capture.groups):
+                capture.groups[index] = list(group["params"])
+        self._group_of = {id(p): index for index, g in enumerate(groups) for p in g["params"]}
+        self._signature = signature
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _make_pre_forward(self, state: Any):
+        def pre_forward(module: nn.Module, args: Any) -> None:
+            optimizer = self._optimizer_ref()
+            if optimizer is not None:
+                self._hook_unsharded(state, optimizer)
+
+        return pre_forward
+
+    def _hook_unsharded(self, state: Any, optimizer: AdaScale) -> None:
+        self._sync_groups(optimizer)
+        capture = optimizer._capture
+        for param_group in fsdp_param_groups(state):
+            factor = param_group.gradient_divide_factor
+            if factor is not None and factor != self._ranks:
+                _check_group(param_group, self._ranks)  # raises with the fix
+            for fsdp_param in param_group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is None or unsharded in self._hooked or not unsharded.requires_grad:
+                    continue
+                index = self._group_of.get(id(fsdp_param.sharded_param))
+                if index is None:
+                    continue  # not optimised by this optimizer
+                if is_dtensor(unsharded):
+                    raise NotImplementedError(
+                        f"AdaScale on FSDP2: {fsdp_param._param_fqn} is a DTensor also when "
+                        "unsharded (FSDP2 combined with tensor parallelism), which is not supported"
+                    )
+                self._hooked[unsharded] = capture.hook_parameter(
+                    unsharded, index, owner=fsdp_param.sharded_param
+                )
+
+    @property
+    def num_hooked(self) -> int:
+        """Unsharded parameters hooked so far."""
+        return len(self._hooked)
+
+    def remove(self) -> None:
+        """Remove the forward pre-hooks and the hooks on the unsharded parameters."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for handle in list(self._hooked.values()):
+            handle.remove()
+        self._hooked.clear()
+
+
+def _check_attachable(optimizer: AdaScale, model: nn.Module, states: Sequence[Any]) -> None:
+    """Every check of :func:`attach`, before anything is changed."""
+    from ..distributed import world_size
+
+    if optimizer._capture.passes > 0:
+        raise RuntimeError(
+            "AdaScale.attach was called after backward passes that were not consumed by step(): "
+            "call attach(model) before the first backward"
+        )
+    if not states:
+        raise ValueError(
+            f"AdaScale.attach: {type(model).__name__} has no fully_shard module. attach() is for "
+            "FSDP2: apply torch.distributed.fsdp.fully_shard first (or call it after "
+            "accelerator.prepare); DDP and single-process training need no attach()"
+        )
+    ranks = world_size(optimizer.process_group)
+    for state in states:
+        for param_group in fsdp_param_groups(state):
+            _check_group(param_group, ranks)
+    sharded = {
+        id(fsdp_param.sharded_param)
+        for state in states
+        for param_group in fsdp_param_groups(state)
+        for fsdp_param in param_group.fsdp_params
+    }
+    foreign = [
+        tuple(p.shape)
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.requires_grad and id(p) not in sharded
+    ]
+    if foreign:
+        raise ValueError(
+            f"AdaScale.attach: {len(foreign)} of the optimizer's parameters (shapes "
+            f"{foreign[:4]}) are not the sharded parameters of the fully_shard modules of this "
+            "model. Build the optimizer from model.parameters() after fully_shard(model), or "
+            "let accelerator.prepare swap them, then attach the same model"
+        )
+
+
+def attach(optimizer: AdaScale, model: nn.Module) -> FSDP2Hooks:
+    """Hook ``optimizer``'s statistics into the FSDP2-sharded ``model`` (see the module docstring).
+
+    Installs the FSDP2 engine (with a new capture) if the optimizer was built on plain parameters
+    (before ``fully_shard``, its parameters swapped afterwards); the smoothed statistics are kept.
+    """
+    states = _fsdp_states(model)
+    _check_attachable(optimizer, model, states)
+    engine = optimizer._engine
+    if isinstance(engine, FSDP2Engine):
+        if engine.hooks is not None:
+            engine.hooks.remove()
+    else:
+        check_not_mixed(optimizer.param_groups)
+        engine = FSDP2Engine()
+        optimizer._install_engine(engine, new_capture=True)  # the plain parameters' hooks go dead
+    engine.hooks = FSDP2Hooks(optimizer, states)
+    return engine.hooks
