@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ._docs import see
+
 __all__ = [
     "current_graph_task_id",
     "current_autograd_node",
@@ -35,11 +37,12 @@ TORCH_INSTALL = "pip install 'torch>=2.6,<2.15'"
 DEEPSPEED_INSTALL = "pip install 'adascale-shard[deepspeed]' (deepspeed>=0.19.8,<0.20)"
 
 
-def missing(what: str, package: str, install: str) -> RuntimeError:
-    """The error for a private API that this installed version lacks."""
+def missing(what: str, package: str, install: str, pointer: str) -> RuntimeError:
+    """The error for a private API that this installed version lacks; ``pointer`` is
+    ``see(anchor)``, its troubleshooting entry."""
     return RuntimeError(
         f"adascale_shard needs {what}, which the installed {package} does not have. Install a tested "
-        f"version: {install}"
+        f"version: {install}" + pointer
     )
 
 
@@ -48,7 +51,7 @@ def _torch_private(owner: str, name: str) -> Callable[..., Any]:
     obj = {"torch._C": torch._C, "torch": torch, "engine": torch.autograd.Variable._execution_engine}[owner]
     fn = getattr(obj, name, None)
     if fn is None:
-        raise missing(f"{owner}.{name}", f"torch {torch.__version__}", TORCH_INSTALL)
+        raise missing(f"{owner}.{name}", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing"))
     return fn
 
 
@@ -100,7 +103,9 @@ def fsdp_state(module: torch.nn.Module) -> Any:
     try:
         from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
     except ImportError as err:
-        raise missing("FSDP2's _get_module_fsdp_state", f"torch {torch.__version__}", TORCH_INSTALL) from err
+        raise missing(
+            "FSDP2's _get_module_fsdp_state", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing")
+        ) from err
     return _get_module_fsdp_state(module)
 
 
@@ -108,7 +113,9 @@ def fsdp_param_groups(state: Any) -> list[Any]:
     """An FSDP2 state's parameter groups (each with ``fsdp_params``, ``mesh_info``, ...)."""
     groups = getattr(state, "_fsdp_param_groups", None)
     if groups is None:
-        raise missing("FSDPState._fsdp_param_groups", f"torch {torch.__version__}", TORCH_INSTALL)
+        raise missing(
+            "FSDPState._fsdp_param_groups", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing")
+        )
     return groups
 
 
@@ -117,7 +124,12 @@ def fsdp_mesh_info_classes() -> tuple[type, type]:
     try:
         from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo, FSDPMeshInfo
     except ImportError as err:
-        raise missing("FSDP2's FSDPMeshInfo and DDPMeshInfo", f"torch {torch.__version__}", TORCH_INSTALL) from err
+        raise missing(
+            "FSDP2's FSDPMeshInfo and DDPMeshInfo",
+            f"torch {torch.__version__}",
+            TORCH_INSTALL,
+            see("a-private-api-is-missing"),
+        ) from err
     return FSDPMeshInfo, DDPMeshInfo
 
 
@@ -125,7 +137,10 @@ def global_grad_norm(wrapper: Any) -> Any:
     """A DeepSpeed ZeRO/fp16/bf16 wrapper's pre-clip ``_global_grad_norm`` of the last step."""
     if not hasattr(wrapper, "_global_grad_norm"):
         raise missing(
-            f"the gradient norm of DeepSpeed's {type(wrapper).__name__} (_global_grad_norm)", "DeepSpeed", DEEPSPEED_INSTALL
+            f"the gradient norm of DeepSpeed's {type(wrapper).__name__} (_global_grad_norm)",
+            "DeepSpeed",
+            DEEPSPEED_INSTALL,
+            see("deepspeed-wrapper-has-no-global-grad-norm"),
         )
     return wrapper._global_grad_norm
 
@@ -134,5 +149,10 @@ def accelerator_optimizers(accelerator: Any) -> list[Any]:
     """The optimizers an ``accelerate.Accelerator`` prepared (its ``_optimizers``)."""
     optimizers = getattr(accelerator, "_optimizers", None)
     if optimizers is None:
-        raise missing("Accelerator._optimizers", "accelerate", "pip install 'adascale-shard[accelerate]'")
+        raise missing(
+            "Accelerator._optimizers",
+            "accelerate",
+            "pip install 'adascale-shard[accelerate]'",
+            see("a-private-api-is-missing"),
+        )
     return optimizers

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import _compat
+from ._docs import see
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engines import Engine
@@ -160,7 +161,10 @@ class MicroGradCapture:
         """Fold every group into one, keeping the hooks: for an engine that reports one gradient
         norm for the whole model (DeepSpeed's ZeRO wrappers)."""
         if self.passes:
-            raise RuntimeError("AdaScale's statistics groups can only be merged before the first backward pass")
+            raise RuntimeError(
+                "AdaScale's statistics groups can only be merged before the first backward pass"
+                + see("statistics-groups-merged-after-backward")
+            )
         self.groups = [[p for params in self.groups for p in params]]
         self._group_of = [0] * len(self._group_of)
         self._micro_sqr = self._grow(None)
@@ -320,7 +324,7 @@ class MicroGradCapture:
             "AdaScale: a parameter received two partial gradients in one backward pass "
             "(it is used both inside and outside a reentrant activation-checkpointed block). "
             "The variance estimate is then approximate; use "
-            "torch.utils.checkpoint(..., use_reentrant=False)."
+            "torch.utils.checkpoint(..., use_reentrant=False)." + see("two-partial-gradients-in-one-backward-pass")
         )
 
     def _open_pass(self, task_id: int) -> None:

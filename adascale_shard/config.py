@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ._docs import see
 from .estimators import DEFAULT_MIN_RELATIVE_VAR
 
 __all__ = ["AdaScaleConfig", "LR_SCALING_RULES"]
@@ -45,33 +46,36 @@ class AdaScaleConfig:
             if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
                 raise TypeError(
                     f"scale must be a number or None, got {type(self.scale).__name__} "
-                    f"{self.scale!r}: pass global_batch / base_batch, or None for S = N"
+                    f"{self.scale!r}: pass global_batch / base_batch, or None for S = N" + see("scale-must-be-a-number")
                 )
             if not math.isfinite(self.scale) or self.scale < 1:
                 raise ValueError(
                     f"scale={self.scale} is impossible: scale is global_batch / base_batch and "
                     "must be a finite number >= 1. A global batch smaller than the base batch "
                     "needs a smaller learning rate, not AdaScale; pass scale=None to use S = N "
-                    "(one micro-batch is the base batch)"
+                    "(one micro-batch is the base batch)" + see("scale-is-impossible")
                 )
         if self.smoothing is not None:
             if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, (int, float)):
-                raise TypeError(f"smoothing must be a number or None, got {self.smoothing!r}")
+                raise TypeError(
+                    f"smoothing must be a number or None, got {self.smoothing!r}" + see("smoothing-must-be-a-number")
+                )
             if not 0.0 <= self.smoothing < 1.0:
                 raise ValueError(
                     f"smoothing={self.smoothing} is out of range: it is the weight of the old "
                     "average per update and must be in [0, 1) (0.99 averages over about 100 "
-                    "updates); pass None for the default 0.999 ** scale"
+                    "updates); pass None for the default 0.999 ** scale" + see("smoothing-out-of-range")
                 )
         if self.lr_scaling not in LR_SCALING_RULES:
             raise ValueError(
                 f"lr_scaling={self.lr_scaling!r} is unknown: use one of {LR_SCALING_RULES} "
                 "('gain' multiplies the learning rate by the gain, 'sqrt' by its square root)"
+                + see("lr-scaling-unknown")
             )
         if not (isinstance(self.min_relative_var, (int, float)) and 0.0 <= self.min_relative_var < 1.0):
             raise ValueError(
                 f"min_relative_var={self.min_relative_var!r} must be a number in [0, 1) "
-                "(default 1e-6)"
+                "(default 1e-6)" + see("min-relative-var-out-of-range")
             )
 
     @classmethod

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ._docs import see
+
 __all__ = [
     "Estimate",
     "estimate",
@@ -62,10 +64,10 @@ def estimate(micro_sqr_mean: float, grad_sqr: float, num_micro: int, scale: floa
     if num_micro < 2:
         raise ValueError(
             f"estimate() needs at least 2 micro-gradients, got num_micro={num_micro}: "
-            "one gradient carries no variance information"
+            "one gradient carries no variance information" + see("estimator-function-arguments")
         )
     if not scale >= 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
+        raise ValueError(f"scale must be >= 1, got {scale}" + see("estimator-function-arguments"))
     n = float(num_micro)
     var_micro = n / (n - 1.0) * (micro_sqr_mean - grad_sqr)
     sqr = grad_sqr - var_micro / n
@@ -89,7 +91,7 @@ def ema_update(average: float, weight: float, value: float, smoothing: float) ->
     it does when the scale changes on resume.
     """
     if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}" + see("estimator-function-arguments"))
     return smoothing * average + (1.0 - smoothing) * value, smoothing * weight + (1.0 - smoothing)
 
 
@@ -115,7 +117,7 @@ def gain(grad_var: float, grad_sqr: float, scale: float) -> float:
     information and give ``1.0`` (identity scaling, the safe side).
     """
     if not scale >= 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
+        raise ValueError(f"scale must be >= 1, got {scale}" + see("estimator-function-arguments"))
     numerator = grad_var + grad_sqr
     denominator = grad_var / scale + grad_sqr
     if not (math.isfinite(numerator) and math.isfinite(denominator)) or denominator <= 0.0:
@@ -268,13 +270,13 @@ class Estimator:
             raise ValueError(
                 f"AdaScale state format_version {version!r} is not supported by this version "
                 f"(reads 1 and {STATE_FORMAT_VERSION}): load it with the adascale-shard release that "
-                "saved it"
+                "saved it" + see("state-format-version-not-supported")
             )
         if len(saved["grad_var_avg"]) != self.num_groups:
             raise ValueError(
                 f"AdaScale state has {len(saved['grad_var_avg'])} parameter groups but the "
                 f"optimizer has {self.num_groups}: build the optimizer with the same groups as the run "
-                "that saved it"
+                "that saved it" + see("state-has-a-different-number-of-groups")
             )
         self.tau = float(saved["tau"])
         self.gain = float(saved["gain"])

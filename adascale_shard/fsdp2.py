@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ._docs import see
 from .optimizer import STATE_DICT_KEY, AdaScale
 
 __all__ = ["AdaScaleStateful"]
@@ -32,6 +33,7 @@ class AdaScaleStateful:
         if not isinstance(optimizer, AdaScale):
             raise TypeError(
                 f"AdaScaleStateful needs an AdaScale optimizer, got {type(optimizer).__name__}"
+                + see("adascalestateful-needs-an-adascale-optimizer")
             )
         self.model = model
         self.optimizer = optimizer

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import estimators
+from ._docs import see
 from .capture import MicroGradCapture
 from .config import AdaScaleConfig
 from .distributed import rank_and_world_size, start_all_reduce_sum, world_size
@@ -39,40 +40,50 @@ def resolve_optimizer_class(optimizer: str | type[torch.optim.Optimizer]) -> typ
     """The base optimizer class for a ``torch.optim`` name (case-insensitive) or a class."""
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         if issubclass(optimizer, AdaScale):
-            raise ValueError("optimizer='AdaScale' cannot wrap itself: name a base optimizer such as 'SGD'")
+            raise ValueError(
+                "optimizer='AdaScale' cannot wrap itself: name a base optimizer such as 'SGD'"
+                + see("adascale-cannot-wrap-itself")
+            )
         return optimizer
     if isinstance(optimizer, str):
         known = _torch_optimizers()
         if optimizer.lower() in known:
             return known[optimizer.lower()]
         if optimizer.lower() == "adascale":
-            raise ValueError("optimizer='AdaScale' cannot wrap itself: name a base optimizer such as 'SGD'")
+            raise ValueError(
+                "optimizer='AdaScale' cannot wrap itself: name a base optimizer such as 'SGD'"
+                + see("adascale-cannot-wrap-itself")
+            )
         names = ", ".join(sorted(cls.__name__ for cls in known.values()))
         raise ValueError(
             f"optimizer={optimizer!r} is not a torch.optim optimizer. Use one of: {names} "
-            "(case-insensitive), or pass an optimizer class"
+            "(case-insensitive), or pass an optimizer class" + see("not-a-torch-optimizer")
         )
     raise TypeError(
         f"optimizer must be a torch.optim name such as 'SGD' or an Optimizer class, got {optimizer!r}"
+        + see("optimizer-must-be-a-name-or-class")
     )
 
 
 def build_base_optimizer(optimizer: Any, base_kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     """The base optimizer: ``optimizer`` itself, or built from parameters and a ``torch.optim`` name."""
     if isinstance(optimizer, AdaScale):
-        raise TypeError("AdaScale cannot wrap another AdaScale: wrap the base optimizer once")
+        raise TypeError(
+            "AdaScale cannot wrap another AdaScale: wrap the base optimizer once"
+            + see("adascale-cannot-wrap-another-adascale")
+        )
     if isinstance(optimizer, torch.optim.Optimizer):
         if base_kwargs:
             raise TypeError(
                 f"AdaScale got base-optimizer arguments {sorted(base_kwargs)} together with an "
                 "optimizer instance: set them on the instance, or pass the parameters first "
-                "and name the base optimizer with optimizer='SGD'"
+                "and name the base optimizer with optimizer='SGD'" + see("base-optimizer-arguments-with-an-instance")
             )
         return optimizer
     if isinstance(optimizer, torch.Tensor):
         raise TypeError(
             "AdaScale's first argument must be an optimizer or an iterable of parameters, got a "
-            "single tensor: pass [tensor] or model.parameters()"
+            "single tensor: pass [tensor] or model.parameters()" + see("single-tensor-instead-of-parameters")
         )
     base = base_kwargs.pop("optimizer", "SGD")
     cls = resolve_optimizer_class(base)
@@ -85,6 +96,7 @@ def build_base_optimizer(optimizer: Any, base_kwargs: dict[str, Any]) -> torch.o
             f"AdaScale could not build the base optimizer {cls.__name__} with "
             f"{sorted(base_kwargs)}: {type(err).__name__}: {err}. Check the base optimizer's "
             f"arguments (AdaScale's own are {list(AdaScaleConfig.field_names())})"
+            + see("could-not-build-the-base-optimizer")
         ) from err
 
 
@@ -189,6 +201,7 @@ class AdaScale(torch.optim.Optimizer):
             raise ValueError(
                 "AdaScale found no parameter that requires a gradient in the optimizer's "
                 "param_groups: unfreeze the parameters before building the optimizer"
+                + see("no-parameter-requires-a-gradient")
             )
         self._estimator = Estimator(len(self.optimizer.param_groups), min_relative_var)
         self._estimator.scale = float(scale) if scale is not None else 1.0
@@ -222,6 +235,7 @@ class AdaScale(torch.optim.Optimizer):
             raise RuntimeError(
                 "add_param_group() is not supported once an engine has regrouped AdaScale's "
                 "statistics (DeepSpeed ZeRO): add the group before deepspeed.initialize"
+                + see("adding-a-parameter-group-after-deepspeed-initialize")
             )
         self.optimizer.add_param_group(param_group)
         self._capture.add_group(self.optimizer.param_groups[-1]["params"], hook=self._engine.hooks_parameters)
@@ -256,7 +270,10 @@ class AdaScale(torch.optim.Optimizer):
         of the unscaled gradient. DeepSpeed's fp16 loss scale is divided out without this call.
         """
         if not callable(getattr(scaler, "get_scale", None)):
-            raise TypeError(f"attach_grad_scaler needs a torch.amp.GradScaler, got {type(scaler).__name__}")
+            raise TypeError(
+                f"attach_grad_scaler needs a torch.amp.GradScaler, got {type(scaler).__name__}"
+                + see("attach-grad-scaler-needs-a-gradscaler")
+            )
         self._grad_scaler = scaler
 
     def __repr__(self) -> str:
@@ -369,7 +386,7 @@ class AdaScale(torch.optim.Optimizer):
             raise RuntimeError(
                 f"AdaScale: the ranks ran different numbers of backward passes in one update "
                 f"(total {passes_sum:.0f} over {ranks} ranks). Every rank must run the same "
-                "number of accumulation steps before step()"
+                "number of accumulation steps before step()" + see("ranks-ran-different-numbers-of-backward-passes")
             )
         num_micro = int(round(passes_sum))
         passes_per_rank = passes_sum / ranks
@@ -389,7 +406,7 @@ class AdaScale(torch.optim.Optimizer):
                     f"AdaScale got scale={self.config.scale} but only one micro-gradient per update "
                     "(one rank, one backward pass): one gradient carries no variance information. "
                     "Split each batch into at least two micro-batches (gradient accumulation) or "
-                    "train on more ranks, or pass scale=None"
+                    "train on more ranks, or pass scale=None" + see("one-micro-gradient-per-update")
                 )
             estimator.no_variance_update(num_micro, scale)
             return
@@ -410,7 +427,7 @@ class AdaScale(torch.optim.Optimizer):
                 logger.warning(
                     "AdaScale: non-finite gradient statistics (inf/NaN in a micro-gradient); this "
                     "update's statistics were not folded into the averages (counted in "
-                    "stats()['nonfinite_updates'], logged once)"
+                    "stats()['nonfinite_updates'], logged once)" + see("non-finite-gradient-statistics")
                 )
 
     def _install_engine(self, engine: Engine, *, new_capture: bool = False, merge_groups: bool = False) -> None:
@@ -420,7 +437,7 @@ class AdaScale(torch.optim.Optimizer):
         if self._estimator.updates or self._capture.passes:
             raise RuntimeError(
                 "AdaScale's engine can only be replaced before the first backward pass: "
-                "initialise the engine before training"
+                "initialise the engine before training" + see("engine-replaced-after-backward")
             )
         self._engine = engine
         if new_capture:

@@ -7,6 +7,7 @@ import math
 import weakref
 from typing import Any
 
+from ._docs import see
 from .optimizer import AdaScale
 from .unwrap import find
 
@@ -73,7 +74,7 @@ def follow_tau(scheduler: Any, optimizer: AdaScale) -> Any:
     if not isinstance(optimizer, AdaScale):
         raise TypeError(
             f"follow_tau needs an AdaScale optimizer, got {type(optimizer).__name__}: wrap the optimizer "
-            "with AdaScale(...) first"
+            "with AdaScale(...) first" + see("scheduler-needs-an-adascale-optimizer")
         )
     cls = type(scheduler)
     if getattr(cls, _FOLLOWS_TAU, False):
@@ -83,12 +84,13 @@ def follow_tau(scheduler: Any, optimizer: AdaScale) -> Any:
         raise TypeError(
             f"AdaScale cannot drive {cls.__name__} by floor(tau): it does not count steps in last_epoch. "
             "Use a step-counting torch.optim.lr_scheduler (LambdaLR, the HF schedules, StepLR, ...)"
+            + see("cannot-drive-a-scheduler-by-floor-tau")
         )
     inner = getattr(scheduler, "optimizer", None)  # AdaScale, its base optimizer, or a wrapper of either
     if inner is not None and inner is not optimizer.optimizer and find(inner) is not optimizer and _counts_steps(scheduler):
         raise ValueError(
             "the scheduler was built on another optimizer: build it on the AdaScale optimizer "
-            "(or on the optimizer AdaScale wraps)"
+            "(or on the optimizer AdaScale wraps)" + see("scheduler-built-on-another-optimizer")
         )
     following = _FOLLOWING.get(cls)
     if following is None:

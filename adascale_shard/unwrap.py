@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from ._compat import accelerator_optimizers
+from ._docs import see
 from .optimizer import AdaScale
 
 __all__ = ["unwrap"]
@@ -47,11 +48,11 @@ def _from_accelerator(accelerator: Any) -> AdaScale:
             "unwrap: the Accelerator has no prepared AdaScale optimizer. Call "
             "accelerator.prepare(model, optimizer, ...) first, with optimizer = "
             "AdaScale(torch.optim.SGD(...)) (DDP, FSDP2) or accelerate.utils.DummyOptim and "
-            '"optimizer": {"type": "AdaScale"} in the DeepSpeed JSON'
+            '"optimizer": {"type": "AdaScale"} in the DeepSpeed JSON' + see("accelerator-has-no-adascale-optimizer")
         )
     raise TypeError(
         f"unwrap: the Accelerator holds {len(found)} AdaScale optimizers; pass the "
-        "prepared optimizer you mean instead of the Accelerator"
+        "prepared optimizer you mean instead of the Accelerator" + see("accelerator-holds-several-adascale-optimizers")
     )
 
 
@@ -95,5 +96,5 @@ def unwrap(obj: Any) -> AdaScale:
         f"unwrap found no AdaScale in {names}. Build the optimizer as "
         "AdaScale(torch.optim.SGD(model.parameters(), ...)) before accelerator.prepare, or, with "
         'DeepSpeed, use accelerate.utils.DummyOptim with "optimizer": {"type": "AdaScale"} in the '
-        "DeepSpeed JSON (and import adascale_shard before accelerator.prepare)"
+        "DeepSpeed JSON (and import adascale_shard before accelerator.prepare)" + see("unwrap-found-no-adascale")
     )

@@ -37,6 +37,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .._docs import see
 from .model import (
     Model,
     RunLog,
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no_png", "--no-png", action="store_true")
     args = p.parse_args(argv)
     if any(s < 1 for s in args.scales):
-        p.error("scales must be >= 1")
+        p.error("scales must be >= 1" + see("advisor-bad-argument"))
     try:
         advice = advise(args.run, args.base_batch_size, args.scales, args.phases, args.smoothing)
     except (AdvisorError, ValueError) as err:

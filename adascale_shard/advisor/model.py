@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._docs import see
 from ..estimators import clamp_averages, default_smoothing, ema_update, gain, noise_scale
 
 __all__ = [
@@ -51,7 +52,7 @@ def gain_at(noise: float, scale: float) -> float:
     ``(r + 1) / (r / S + 1)``; ``r = inf`` gives ``S``, ``r <= 0`` gives 1. ``nan`` gives 1, as
     :func:`~adascale_shard.estimators.gain` does for statistics that carry no information."""
     if not scale >= 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
+        raise ValueError(f"scale must be >= 1, got {scale}" + see("estimator-function-arguments"))
     if math.isnan(noise) or noise <= 0.0:
         return 1.0
     if math.isinf(noise):
@@ -83,7 +84,7 @@ def scale_for_efficiency(grad_var: float, grad_sqr: float, target: float) -> flo
     (the report's ``r + 2 (bound)`` column is its value at ``target = 0.5``).
     """
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target efficiency must be in (0, 1], got {target}")
+        raise ValueError(f"target efficiency must be in (0, 1], got {target}" + see("estimator-function-arguments"))
     r = noise_scale(grad_var, grad_sqr)
     if math.isnan(r) or r <= 0.0:
         return 1.0
@@ -100,7 +101,10 @@ def noise_scale_from_gain(observed_gain: float, scale: float) -> float:
     ends only bound ``r``). A run at ``S = 1`` has gain 1 whatever the noise: it cannot be inverted.
     """
     if not scale > 1:
-        raise ValueError(f"the gain at scale {scale} carries no noise information: need scale > 1")
+        raise ValueError(
+            f"the gain at scale {scale} carries no noise information: need scale > 1"
+            + see("estimator-function-arguments")
+        )
     if math.isnan(observed_gain):
         return math.nan
     if observed_gain <= 1.0:
@@ -122,11 +126,13 @@ def predicted_updates(points, scale: float, start: float = 0.0, end: float | Non
     """
     knots = sorted((float(t), float(r)) for t, r in points)
     if not knots:
-        raise ValueError("predicted_updates needs at least one (tau, noise_scale) point")
+        raise ValueError(
+            "predicted_updates needs at least one (tau, noise_scale) point" + see("estimator-function-arguments")
+        )
     if end is None:
         end = knots[-1][0]
     if end < start:
-        raise ValueError(f"end ({end}) is before start ({start})")
+        raise ValueError(f"end ({end}) is before start ({start})" + see("estimator-function-arguments"))
     taus = [t for t, _ in knots]
     inv = [1.0 / gain_at(r, scale) for _, r in knots]
 
@@ -196,10 +202,10 @@ def simulate_taus(
     ``end`` is ``len(result)``.
     """
     if not scale >= 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
+        raise ValueError(f"scale must be >= 1, got {scale}" + see("estimator-function-arguments"))
     cuts = sorted(intervals, key=lambda iv: iv[1])
     if not cuts:
-        raise ValueError("simulate_taus needs at least one interval")
+        raise ValueError("simulate_taus needs at least one interval" + see("estimator-function-arguments"))
     edges = [0.0] + [float(iv[1]) for iv in cuts]
     values = [(float(iv[2]), float(iv[3])) for iv in cuts]
     cum_var, cum_sqr = [0.0], [0.0]

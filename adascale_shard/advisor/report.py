@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._docs import see
 from ..estimators import noise_scale
 from .model import Model, RunLog, noise_scale_from_gain
 
@@ -74,17 +75,20 @@ def _records_from_file(path: Path) -> list[dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise AdvisorError(f"{path}:{number}: not JSON ({err.msg})") from err
+                    raise AdvisorError(f"{path}:{number}: not JSON ({err.msg})" + see("advisor-not-json")) from err
         return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise AdvisorError(f"{path}: not JSON ({err.msg})") from err
+        raise AdvisorError(f"{path}: not JSON ({err.msg})" + see("advisor-not-json")) from err
     if isinstance(data, dict) and isinstance(data.get("log_history"), list):
         return data["log_history"]
     if isinstance(data, list):
         return data
-    raise AdvisorError(f"{path}: neither a Trainer state (no 'log_history') nor a list of log records")
+    raise AdvisorError(
+        f"{path}: neither a Trainer state (no 'log_history') nor a list of log records"
+        + see("advisor-neither-a-trainer-state-nor-log-records")
+    )
 
 
 def _checkpoint_number(path: Path) -> int:
@@ -98,7 +102,7 @@ def _candidates(run: Path) -> list[Path]:
     if run.is_file():
         return [run]
     if not run.is_dir():
-        raise AdvisorError(f"{run}: no such file or directory")
+        raise AdvisorError(f"{run}: no such file or directory" + see("advisor-no-such-file"))
     found = []
     if (run / "trainer_state.json").is_file():
         found.append(run / "trainer_state.json")
@@ -113,6 +117,7 @@ def _candidates(run: Path) -> list[Path]:
         raise AdvisorError(
             f"{run}: found no logs: looked for trainer_state.json (in the directory or its latest "
             "checkpoint-*) and metrics.jsonl. Pass the file itself if it is named differently"
+            + see("advisor-found-no-logs")
         )
     return found
 
@@ -184,6 +189,7 @@ def load_run(run: str | Path, run_scale: float | None = None) -> RunLog:
             "'var', 'sqr' from AdaScale.stats()):\n"
             + "\n".join(details)
             + "\nTrain with enable_adascale(trainer, ...) (its callback logs them) or write opt.stats() per update"
+            + see("advisor-no-adascale-statistics")
         )
     return best
 
@@ -235,9 +241,9 @@ def advise(
     ``smoothing`` is the per-update weight of the old average if the run set
     ``AdaScale(..., smoothing=...)`` (default: ``0.999 ** S``, AdaScale's default)."""
     if phases < 1:
-        raise ValueError(f"phases must be >= 1, got {phases}")
+        raise ValueError(f"phases must be >= 1, got {phases}" + see("advisor-bad-argument"))
     if smoothing is not None and not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}" + see("advisor-bad-argument"))
     summary_scale = _run_scale_from_summary(Path(run))
     log = load_run(run, summary_scale)
     model = Model(log, smoothing)

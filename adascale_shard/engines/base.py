@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._compat import is_dtensor, local_shard
+from .._docs import see
 from ..capture import norm_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,7 +29,7 @@ NO_BACKWARD_RECORDED = (
     "built on; gradients computed with torch.autograd.grad or torch.func and "
     "assigned to .grad, or computed on other parameter objects (a model copied or "
     "rebuilt after the optimizer), are not seen. Compute the gradients with "
-    "backward(), on the parameters AdaScale was built on"
+    "backward(), on the parameters AdaScale was built on" + see("no-backward-pass-recorded")
 )
 
 
@@ -89,7 +90,7 @@ class Engine:
             return (
                 "AdaScale: the FSDP2 (DTensor) parameters have gradients but no backward pass was "
                 "recorded, because the hooks were never attached; the gain would silently stay 1. Fix: "
-                f"{ATTACH_FIX}"
+                f"{ATTACH_FIX}" + see("fsdp2-hooks-never-attached")
             )
         return NO_BACKWARD_RECORDED
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._compat import DEEPSPEED_INSTALL, global_grad_norm
+from .._docs import see
 from .base import Engine
 from .replicated import ReplicatedEngine
 
@@ -46,7 +47,7 @@ def attach(engine: Any, adascale: AdaScale) -> None:
     if engine.zero_optimization() and getattr(engine, "zero_cpu_offload", lambda: False)():
         raise ValueError(
             "AdaScale does not support ZeRO-Offload yet (zero_optimization.offload_optimizer): "
-            "remove offload_optimizer from the DeepSpeed config"
+            "remove offload_optimizer from the DeepSpeed config" + see("zero-offload-not-supported")
         )
     if engine.optimizer is adascale:
         _attach_replicated(engine, adascale)
@@ -101,7 +102,7 @@ class WrapperNormEngine(Engine):
         if norm is None:
             raise RuntimeError(
                 "AdaScale needs DeepSpeed's gradient norm, but it was not computed: remove "
-                '"compute_grad_norm": false from zero_optimization'
+                '"compute_grad_norm": false from zero_optimization' + see("deepspeed-gradient-norm-not-computed")
             )
         # loss_scale: the backward passes' scale; _loss_scale(wrapper): after the wrapper's update.
         factor = self._norm_factor(self.loss_scale, _loss_scale(self.wrapper))
@@ -143,7 +144,7 @@ def _fp16_wrapper_kind(engine: Any, wrapper: Any) -> tuple[Any, Any]:
             f"AdaScale does not know how DeepSpeed's {type(wrapper).__name__} (step() of "
             f"{owner.__module__}.{owner.__qualname__}) scales the gradients and their norm under fp16 "
             f"loss scaling, so its gain would be wrong. Install a tested DeepSpeed version: {DEEPSPEED_INSTALL}, "
-            "or train in bf16"
+            "or train in bf16" + see("unknown-deepspeed-fp16-wrapper")
         )
     return (lambda wrapper: 1.0), (lambda backward, now: 1.0)
 
@@ -165,5 +166,5 @@ def refuse_unscaled_fp16_step(engine: Any, wrapper: Any) -> None:
             "FusedAdam in FP16_UnfusedOptimizer, whose step() divides the gradients by a loss scale "
             f"(now {_loss_scale(wrapper):g}) that engine.backward() never applied, so each update would "
             "be that many times too small. Use \"zero_optimization\": {\"stage\": 1} (or 2, 3) with "
-            "fp16, or \"bf16\": {\"enabled\": true} (docs/deepspeed-fp16.md#zero-0)"
+            "fp16, or \"bf16\": {\"enabled\": true} (docs/deepspeed-fp16.md#zero-0)" + see("zero-0-with-fp16-refused")
         )

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .._compat import fsdp_mesh_info_classes, fsdp_param_groups, fsdp_state, is_dtensor
+from .._docs import see
 from .base import Engine, grad_sqr_norms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,7 +77,7 @@ def check_not_mixed(param_groups: Sequence[dict[str, Any]]) -> None:
             f"AdaScale got FSDP2 (DTensor) parameters together with {len(plain)} plain tensors "
             f"(shapes {plain[:4]}{'...' if len(plain) > 4 else ''}). On FSDP2 every trainable "
             "parameter must be sharded: apply fully_shard to the root module as well "
-            "(fully_shard(model) after the submodules)"
+            "(fully_shard(model) after the submodules)" + see("fsdp2-with-plain-parameters")
         )
 
 
@@ -109,7 +110,7 @@ class FSDP2Engine(Engine):
             "AdaScale: the FSDP2 (DTensor) parameters have gradients but the hooks attached by "
             "attach(model) never fired: the model given to attach() is not the one that ran forward "
             "and backward, or its gradients were computed without backward(). Attach the model you "
-            "train"
+            "train" + see("fsdp2-hooks-never-fired")
         )
 
 
@@ -136,12 +137,13 @@ def _check_group(param_group: Any, ranks: int) -> None:
         raise NotImplementedError(
             f"AdaScale on FSDP2 supports a 1-D device mesh (plain sharding); {name} uses "
             f"{type(mesh_info).__name__} on a {mesh_info.mesh.ndim}-D mesh (HSDP / replicate / "
-            "2-D). Use fully_shard(module, mesh=init_device_mesh(device, (world_size,)))"
+            "2-D). Use fully_shard(module, mesh=init_device_mesh(device, (world_size,)))" + see("fsdp2-mesh-is-not-1-d")
         )
     if mesh_info.shard_mesh_size != ranks:
         raise ValueError(
             f"AdaScale's process group has {ranks} ranks but FSDP2 shards {name} over "
             f"{mesh_info.shard_mesh_size}: pass AdaScale(..., process_group=<the FSDP2 mesh's group>)"
+            + see("fsdp2-process-group-differs")
         )
     factor = param_group.gradient_divide_factor
     if factor is not None and factor != mesh_info.shard_mesh_size:
@@ -149,6 +151,7 @@ def _check_group(param_group: Any, ranks: int) -> None:
             f"{name} has set_gradient_divide_factor({factor}); AdaScale needs FSDP2's default "
             f"average over the {mesh_info.shard_mesh_size} ranks (the applied gradient must be the "
             "mean of the micro-gradients). Remove the custom divide factor and scale the loss instead"
+            + see("fsdp2-gradient-divide-factor")
         )
 
 
@@ -223,6 +226,7 @@ class FSDP2Hooks:
                     raise NotImplementedError(
                         f"AdaScale on FSDP2: {fsdp_param._param_fqn} is a DTensor also when "
                         "unsharded (FSDP2 combined with tensor parallelism), which is not supported"
+                        + see("fsdp2-with-tensor-parallelism")
                     )
                 self._hooked[unsharded] = capture.hook_parameter(
                     unsharded, index, owner=fsdp_param.sharded_param
@@ -250,13 +254,14 @@ def _check_attachable(optimizer: AdaScale, model: nn.Module, states: Sequence[An
     if optimizer._capture.passes > 0:
         raise RuntimeError(
             "AdaScale.attach was called after backward passes that were not consumed by step(): "
-            "call attach(model) before the first backward"
+            "call attach(model) before the first backward" + see("attach-after-backward")
         )
     if not states:
         raise ValueError(
             f"AdaScale.attach: {type(model).__name__} has no fully_shard module. attach() is for "
             "FSDP2: apply torch.distributed.fsdp.fully_shard first (or call it after "
             "accelerator.prepare); DDP and single-process training need no attach()"
+            + see("attach-found-no-fsdp2-module")
         )
     ranks = world_size(optimizer.process_group)
     for state in states:
@@ -279,7 +284,7 @@ def _check_attachable(optimizer: AdaScale, model: nn.Module, states: Sequence[An
             f"AdaScale.attach: {len(foreign)} of the optimizer's parameters (shapes "
             f"{foreign[:4]}) are not the sharded parameters of the fully_shard modules of this "
             "model. Build the optimizer from model.parameters() after fully_shard(model), or "
-            "let accelerator.prepare swap them, then attach the same model"
+            "let accelerator.prepare swap them, then attach the same model" + see("attach-with-foreign-parameters")
         )
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .._compat import foreach_norm
+from .._docs import see
 from .base import Engine, grad_sqr_norms
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +32,7 @@ NO_GRADIENT_AT_STEP = (
     "cannot be measured (the gain would silently be wrong). Either the gradients were set to None "
     "between backward() and step() (call zero_grad after step), or an engine moved them away "
     "without telling AdaScale: DeepSpeed ZeRO needs adascale_shard's DeepSpeed patch (unset "
-    "ADASCALE_NO_DEEPSPEED_PATCH and import adascale_shard before deepspeed.initialize)"
+    "ADASCALE_NO_DEEPSPEED_PATCH and import adascale_shard before deepspeed.initialize)" + see("no-gradient-at-step")
 )
 
 
@@ -141,7 +142,7 @@ class ReplicatedEngine(Engine):
                 logger.warning(
                     "AdaScale: the probe gradients (the smallest parameters') are zero, so a clip or "
                     "unscale between the last backward pass and step() cannot be recovered; ||G||^2 "
-                    "is taken as it is at step()"
+                    "is taken as it is at step()" + see("probe-gradients-are-zero")
                 )
             return 1.0
         if max(ratios) - min(ratios) > 1e-4 * max(ratios):
@@ -174,7 +175,8 @@ class ReplicatedEngine(Engine):
             logger.warning(
                 "AdaScale: the gradients changed between the last backward pass and step() and %s; "
                 "||G||^2 is taken as it is at step(). Clipping with clip_grad_norm_ and unscaling with "
-                "a GradScaler are recognised; other in-place changes make the gain approximate.",
+                "a GradScaler are recognised; other in-place changes make the gain approximate."
+                + see("gradients-changed-between-backward-and-step"),
                 why,
             )
 

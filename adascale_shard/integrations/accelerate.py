@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._docs import see
 from ..unwrap import unwrap
 
 __all__ = ["AdaScaleCheckpoint"]
@@ -66,6 +67,6 @@ class AdaScaleCheckpoint:
                 "AdaScaleCheckpoint.load_state_dict expects the AdaScale estimator state that "
                 "AdaScaleCheckpoint.state_dict() saved; this checkpoint holds something else at "
                 "this position. Register the same objects, in the same order, before "
-                "accelerator.load_state as before accelerator.save_state"
+                "accelerator.load_state as before accelerator.save_state" + see("adascalecheckpoint-got-something-else")
             )
         self.adascale.load_estimator_state_dict(state_dict)

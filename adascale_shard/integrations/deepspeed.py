@@ -32,6 +32,7 @@ import os
 import sys
 from typing import Any
 
+from .._docs import see
 from ..config import AdaScaleConfig
 from ..engines import deepspeed as engines_deepspeed
 from ..optimizer import AdaScale
@@ -129,7 +130,8 @@ def check_version(version: str) -> None:
     if not low <= _version_tuple(version) < high:
         logger.warning(
             "adascale_shard was tested with deepspeed >=%s,<%s; found %s. If AdaScale misbehaves, "
-            "install a tested version: pip install 'adascale-shard[deepspeed]'",
+            "install a tested version: pip install 'adascale-shard[deepspeed]'"
+            + see("deepspeed-outside-the-tested-range"),
             ".".join(map(str, low)),
             ".".join(map(str, high)),
             version,
@@ -148,7 +150,7 @@ def patch_engine(module: Any) -> None:
         raise RuntimeError(
             f"adascale_shard cannot register 'AdaScale' with deepspeed {version}: "
             f"DeepSpeedEngine no longer has {missing}. Install a tested DeepSpeed version: "
-            "pip install 'adascale-shard[deepspeed]' (deepspeed>=0.19.8,<0.20)"
+            "pip install 'adascale-shard[deepspeed]' (deepspeed>=0.19.8,<0.20)" + see("deepspeed-engine-lost-a-method")
         )
     check_version(version)
     from deepspeed.runtime.zero import utils as zero_utils
@@ -212,7 +214,8 @@ def patch_engine(module: Any) -> None:
             if saved is None:
                 logger.warning(
                     "AdaScale: the DeepSpeed checkpoint %s holds no AdaScale state (saved without "
-                    "adascale_shard imported?); tau and the averages start fresh",
+                    "adascale_shard imported?); tau and the averages start fresh"
+                    + see("deepspeed-checkpoint-holds-no-adascale-state"),
                     load_path,
                 )
             else:
@@ -240,13 +243,13 @@ def build_optimizer(model_parameters: Any, params: dict[str, Any] | None) -> Ada
     if "max_grad_norm" in params:
         raise ValueError(
             "AdaScale JSON params: 'max_grad_norm' is not an optimizer parameter in DeepSpeed; set "
-            "the top-level \"gradient_clipping\" instead"
+            "the top-level \"gradient_clipping\" instead" + see("max-grad-norm-in-json-params")
         )
     lr = params.get("lr")
     if isinstance(lr, str):
         raise ValueError(
             f"AdaScale JSON params: lr={lr!r} was not resolved. \"auto\" is filled in by the HF "
-            "Trainer's DeepSpeed integration; with deepspeed.initialize give a number"
+            "Trainer's DeepSpeed integration; with deepspeed.initialize give a number" + see("lr-auto-not-resolved")
         )
     own, rest = AdaScaleConfig.split_kwargs(params)
     return AdaScale(model_parameters, **{k: getattr(own, k) for k in AdaScaleConfig.field_names()}, **rest)

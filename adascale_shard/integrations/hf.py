@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from .._docs import see
 from ..optimizer import AdaScale
 from ..schedule import follow_tau
 from ..unwrap import find
@@ -55,6 +56,7 @@ try:  # the Trainer's callback types; the module is imported only by users of th
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install 'adascale-shard[transformers]'"
+        + see("transformers-not-installed")
     ) from err
 
 __all__ = ["enable_adascale", "AdaScaleArguments", "AdaScaleCallback", "run_summary", "LOG_KEYS"]
@@ -106,13 +108,17 @@ def enable_adascale(
     args = trainer.args
     if base_batch_size is not None:
         if isinstance(base_batch_size, bool) or not isinstance(base_batch_size, int) or base_batch_size < 1:
-            raise ValueError(f"base_batch_size={base_batch_size!r} must be a positive number of samples")
+            raise ValueError(
+                f"base_batch_size={base_batch_size!r} must be a positive number of samples"
+                + see("base-batch-size-not-positive")
+            )
         if base_batch_size > _global_batch(args):
             raise ValueError(
                 f"base_batch_size={base_batch_size} is larger than the global batch "
                 f"{_global_batch(args)} (per_device_train_batch_size {args.per_device_train_batch_size} x "
                 f"gradient_accumulation_steps {args.gradient_accumulation_steps} x {args.world_size} "
                 "processes): AdaScale only scales up. Lower base_batch_size or raise the batch"
+                + see("base-batch-size-larger-than-the-global-batch")
             )
     _check_world(args)
     _set_optimizer(trainer, optimizer, optimizer_kwargs)
@@ -179,7 +185,7 @@ def _check_world(args: Any) -> None:
             f"the Trainer sees {args.world_size} process(es) but torch.distributed runs {dist.get_world_size()}: "
             "every rank would train on the same data and AdaScale's S would be wrong. On a machine "
             "without GPUs pass --use_cpu true (TrainingArguments(use_cpu=True)) so that Accelerate "
-            "shards the data over the gloo ranks"
+            "shards the data over the gloo ranks" + see("trainer-sees-fewer-processes")
         )
 
 
@@ -193,18 +199,19 @@ def _set_optimizer(trainer: Any, optimizer: Any, optimizer_kwargs: dict[str, Any
             raise ValueError(
                 f"the DeepSpeed config builds optimizer type {json_optimizer!r}, not AdaScale: set "
                 '"optimizer": {"type": "AdaScale", "params": {...}} in the DeepSpeed JSON'
+                + see("deepspeed-config-builds-another-optimizer")
             )
         if optimizer is not None or optimizer_kwargs:
             raise ValueError(
                 "with --deepspeed the JSON \"optimizer\" block builds AdaScale: put the base optimizer and "
-                "its arguments in its params, not in enable_adascale()"
+                "its arguments in its params, not in enable_adascale()" + see("optimizer-arguments-with-deepspeed")
             )
         return
     if trainer.optimizer is not None and not isinstance(trainer.optimizer, AdaScale):
         raise ValueError(
             f"the Trainer was given a {type(trainer.optimizer).__name__} instance: let enable_adascale() "
             "set optimizer_cls_and_kwargs instead (the Trainer replaces or rejects instances under "
-            "DeepSpeed and FSDP)"
+            "DeepSpeed and FSDP)" + see("trainer-given-an-optimizer-instance")
         )
     if trainer.optimizer is not None:
         return
@@ -223,7 +230,7 @@ def _epochs_to_steps(trainer: Any, base_batch_size: int | None) -> int:
     except TypeError as err:
         raise ValueError(
             "AdaScale needs max_steps (the budget in scale-invariant steps) when the training set has "
-            "no length: set TrainingArguments(max_steps=...)"
+            "no length: set TrainingArguments(max_steps=...)" + see("max-steps-needed")
         ) from err
     base = base_batch_size or args.per_device_train_batch_size
     return max(1, math.ceil(args.num_train_epochs * samples / base))
@@ -248,6 +255,7 @@ class AdaScaleCallback(TrainerCallback):
                 f"AdaScaleCallback: the Trainer's optimizer is {type(optimizer).__name__}, not AdaScale. Call "
                 "enable_adascale(trainer, ...) before train(), or with --deepspeed put "
                 '"optimizer": {"type": "AdaScale"} in the JSON (and import adascale_shard first)'
+                + see("trainer-optimizer-is-not-adascale")
             )
         trainer = self._trainer()
         _check_data_parallel(args, trainer)
@@ -263,6 +271,7 @@ class AdaScaleCallback(TrainerCallback):
             logger.warning(
                 "AdaScale: --fsdp was given but the model is not sharded (Accelerate runs FSDP only on "
                 "accelerator devices; on CPU the Trainer fell back to DDP). AdaScale uses DDP statistics"
+                + see("fsdp-given-but-model-not-sharded")
             )
         if lr_scheduler is not None:
             follow_tau(_innermost_scheduler(lr_scheduler), adascale)
@@ -291,6 +300,7 @@ def _check_data_parallel(args: Any, trainer: Any) -> None:
         f"the Trainer runs {args.world_size} processes but its model is not wrapped for data parallelism "
         f"({type(wrapped).__name__}): each rank would train its own copy. A known cause is calling "
         "trainer.evaluate() before trainer.train(); evaluate after training, or build a new Trainer"
+        + see("model-not-wrapped-for-data-parallelism")
     )
 
 

@@ -205,6 +205,7 @@ def test_fsdp2_attach_in_the_middle_of_a_window(runs):
         assert out["reattach"] == (
             "RuntimeError: AdaScale.attach was called after backward passes that were not consumed "
             "by step(): call attach(model) before the first backward"
+            " (see docs/troubleshooting.md#attach-after-backward)"
         )
         assert out["updates_after_reattach"] == 1.0
 

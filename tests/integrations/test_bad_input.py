@@ -192,6 +192,7 @@ def test_hf_integration_without_transformers_names_the_extra():
     out = run_script(code)
     assert out["message"] == (
         "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install 'adascale-shard[transformers]'"
+        " (see docs/troubleshooting.md#transformers-not-installed)"
     )
 
 
@@ -221,6 +222,6 @@ def test_accelerator_with_two_adascale_optimizers_asks_which(tmp_path):
     out = run_script(ACCELERATE_SCRIPT)
     assert out["two"] == (
         "unwrap: the Accelerator holds 2 AdaScale optimizers; pass the prepared optimizer you "
-        "mean instead of the Accelerator"
+        "mean instead of the Accelerator (see docs/troubleshooting.md#accelerator-holds-several-adascale-optimizers)"
     )
     assert out["one_of_them"]
