@@ -266,8 +266,9 @@ class AdaScale(torch.optim.Optimizer):
 
         Without it the statistics are kept in loss-scaled units: the gain is right at a constant
         scale, but after the scaler backs off or grows, older updates weigh more in the averages
-        and the gain drifts (9% in the 2-rank test). With it, ``var`` and ``sqr`` are in the units
-        of the unscaled gradient. DeepSpeed's fp16 loss scale is divided out without this call.
+        and the gain drifts (``tests/distributed/test_nonfinite.py`` measures how far). With it,
+        ``var`` and ``sqr`` are in the units of the unscaled gradient. DeepSpeed's fp16 loss scale
+        is divided out without this call.
         """
         if not callable(getattr(scaler, "get_scale", None)):
             raise TypeError(
