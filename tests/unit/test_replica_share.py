@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import types
 
 import pytest
 import torch
@@ -62,6 +63,14 @@ def test_capture_measures_its_share_only_with_replicas_and_says_so():
         parts.append(engine.take_grad_sqr(capture)[0])
     torch.testing.assert_close(parts[0] + parts[1], full)
     assert all(float(part.sum()) < 0.99 * float(full.sum()) for part in parts)
+    # An engine that supplies the global norm itself (ZeRO's wrappers) is never summed over ranks.
+    pytest.importorskip("deepspeed")
+    from adascale_shard.engines.deepspeed import WrapperNormEngine
+
+    wrapper = types.SimpleNamespace(_global_grad_norm=float(full.sum()) ** 0.5, loss_scale=1.0)
+    zero = WrapperNormEngine(types.SimpleNamespace(optimizer=wrapper, fp16_enabled=lambda: False))
+    assert not zero.grad_sqr_is_part(capture)
+    torch.testing.assert_close(zero.take_grad_sqr(capture)[0], full.sum().reshape(1))
 
 
 def test_a_replaced_group_of_the_same_size_is_dealt_anew():
