@@ -49,6 +49,15 @@ def attach(engine: Any, adascale: AdaScale) -> None:
             "AdaScale does not support ZeRO-Offload yet (zero_optimization.offload_optimizer): "
             "remove offload_optimizer from the DeepSpeed config" + see("zero-offload-not-supported")
         )
+    # The JSON knows the global batch: a scale beyond it would need a base batch under one sample.
+    scale, global_batch = adascale.config.scale, engine.train_batch_size()
+    if scale is not None and scale > global_batch:
+        raise ValueError(
+            f"AdaScale scale={scale:g} is larger than DeepSpeed's global batch, train_batch_size="
+            f"{global_batch} samples: S = global_batch / base_batch would need a base batch under one "
+            f"sample. Set scale to {global_batch} / (the batch the learning rate was tuned at), or "
+            "null for S = N (one micro-batch is the base batch)" + see("scale-larger-than-the-global-batch")
+        )
     if engine.optimizer is adascale:
         _attach_replicated(engine, adascale)
     else:

@@ -57,6 +57,17 @@ def one_update(e):
 attempt("no_import", lambda: engine(config()))  # the script forgot `import adascale_shard`
 import adascale_shard  # noqa: E402 - patches the already imported engine at once
 attempt("compute_grad_norm", lambda: one_update(engine(config(compute_grad_norm=False))))
+too_large = config()
+too_large["optimizer"]["params"]["scale"] = 59  # the global batch is 4 x 2 x 1 = 8 samples
+attempt("scale_json", lambda: engine(too_large))
+def python_path():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    cfg = config()
+    del cfg["optimizer"]
+    opt = adascale_shard.AdaScale(model.parameters(), lr=0.1, scale=16)
+    deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+attempt("scale_python", python_path)
 e = engine(config())
 extra = torch.nn.Parameter(torch.zeros(2))
 attempt("add_param_group", lambda: e.basic_optimizer.add_param_group({"params": [extra]}))
@@ -137,6 +148,14 @@ def test_deepspeed_compute_grad_norm_false_names_the_setting(deepspeed_errors):
     message = deepspeed_errors["compute_grad_norm"]
     assert message.startswith("RuntimeError: AdaScale needs DeepSpeed's gradient norm")
     assert 'remove "compute_grad_norm": false from zero_optimization' in message
+
+
+@pytest.mark.parametrize("path, scale", [("scale_json", 59), ("scale_python", 16)])
+def test_a_scale_beyond_deepspeeds_global_batch_is_refused(deepspeed_errors, path, scale):
+    message = deepspeed_errors[path]
+    assert message is not None, f"scale={scale} on a global batch of 8 samples was accepted"
+    assert message.startswith(f"ValueError: AdaScale scale={scale} is larger than DeepSpeed's global batch, train_batch_size=8")
+    assert "troubleshooting.md#scale-larger-than-the-global-batch" in message
 
 
 def test_add_param_group_after_deepspeed_initialize_is_refused_cleanly(deepspeed_errors):
