@@ -41,7 +41,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="outputs/train_ddp")
-    return p.parse_args()
+    args = p.parse_args()
+    if not 0 <= args.warmup < args.budget:
+        p.error(f"--warmup {args.warmup} must be at least 0 and below --budget {args.budget} (the cosine decays after it)")
+    return args
 
 
 def load_corpus(limit: int) -> torch.Tensor:
