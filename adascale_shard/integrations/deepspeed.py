@@ -89,6 +89,10 @@ def unpatch() -> None:
     for name, original in originals.items():
         setattr(engine_cls, name, original)
     delattr(engine_cls, _ORIGINALS)
+    config_module = sys.modules["deepspeed.runtime.config"]
+    config_module.get_optimizer_name = getattr(
+        config_module.get_optimizer_name, _ORIGINALS, config_module.get_optimizer_name
+    )
     delattr(engine_cls, _PATCHED)
     from deepspeed.runtime.zero import utils as zero_utils
 
@@ -234,7 +238,29 @@ def patch_engine(module: Any) -> None:
     setattr(engine_cls, _ORIGINALS, {name: getattr(engine_cls, name) for name in patched})
     for name, method in patched.items():
         setattr(engine_cls, name, method)
+    _patch_config_parsing()
     setattr(engine_cls, _PATCHED, True)
+
+
+def _patch_config_parsing() -> None:
+    """``"optimizer": "AdaScale"`` (a string, not a block) fails inside DeepSpeed's config parsing
+    with a bare ``AttributeError``: name the fix instead. Other configs parse as before."""
+    config_module = sys.modules["deepspeed.runtime.config"]  # imported by the engine module
+    get_optimizer_name = config_module.get_optimizer_name
+    if hasattr(get_optimizer_name, _ORIGINALS):
+        return
+
+    def checked_get_optimizer_name(param_dict):
+        block = param_dict.get("optimizer") if isinstance(param_dict, dict) else None
+        if isinstance(block, str) and block.lower() == OPTIMIZER_TYPE:
+            raise ValueError(
+                f'DeepSpeed config: "optimizer": "{block}" must be a block: "optimizer": {{"type": '
+                f'"{block}", "params": {{"optimizer": "SGD", "lr": 0.1, ...}}}}' + see("optimizer-given-as-a-string")
+            )
+        return get_optimizer_name(param_dict)
+
+    setattr(checked_get_optimizer_name, _ORIGINALS, get_optimizer_name)
+    config_module.get_optimizer_name = checked_get_optimizer_name
 
 
 def build_optimizer(model_parameters: Any, params: dict[str, Any] | None) -> AdaScale:

@@ -57,6 +57,9 @@ def one_update(e):
 attempt("no_import", lambda: engine(config()))  # the script forgot `import adascale_shard`
 import adascale_shard  # noqa: E402 - patches the already imported engine at once
 attempt("compute_grad_norm", lambda: one_update(engine(config(compute_grad_norm=False))))
+bare = config()
+bare["optimizer"] = "AdaScale"
+attempt("bare_string", lambda: engine(bare))
 too_large = config()
 too_large["optimizer"]["params"]["scale"] = 59  # the global batch is 4 x 2 x 1 = 8 samples
 attempt("scale_json", lambda: engine(too_large))
@@ -148,6 +151,12 @@ def test_deepspeed_compute_grad_norm_false_names_the_setting(deepspeed_errors):
     message = deepspeed_errors["compute_grad_norm"]
     assert message.startswith("RuntimeError: AdaScale needs DeepSpeed's gradient norm")
     assert 'remove "compute_grad_norm": false from zero_optimization' in message
+
+
+def test_optimizer_as_a_bare_string_names_the_block(deepspeed_errors):
+    message = deepspeed_errors["bare_string"]
+    assert message.startswith('ValueError: DeepSpeed config: "optimizer": "AdaScale" must be a block: "optimizer": {"type": "AdaScale"')
+    assert "troubleshooting.md#optimizer-given-as-a-string" in message
 
 
 @pytest.mark.parametrize("path, scale", [("scale_json", 59), ("scale_python", 16)])

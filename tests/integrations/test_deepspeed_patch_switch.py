@@ -13,7 +13,7 @@ pytest.importorskip("deepspeed")
 
 PROBE = """
 import json, adascale_shard
-from deepspeed.runtime import engine
+from deepspeed.runtime import config, engine
 from deepspeed.runtime.zero import utils as zero_utils
 from adascale_shard.integrations import deepspeed as integration
 names = ["save_checkpoint", "load_checkpoint", "_is_supported_optimizer", "_configure_basic_optimizer",
@@ -22,7 +22,8 @@ def state():
     cls = engine.DeepSpeedEngine
     return {"patched": bool(getattr(cls, "_adascale_shard_patched", False)),
             "own_methods": [getattr(cls, n).__module__ == "deepspeed.runtime.engine" for n in names],
-            "registered": adascale_shard.AdaScale in zero_utils.ZERO_SUPPORTED_OPTIMIZERS}
+            "registered": adascale_shard.AdaScale in zero_utils.ZERO_SUPPORTED_OPTIMIZERS,
+            "own_config_parsing": config.get_optimizer_name.__module__ == "deepspeed.runtime.config"}
 out = {"after_import": state()}
 integration.unpatch()
 out["after_unpatch"] = state()
@@ -43,12 +44,13 @@ def probe(**env):
 
 def test_unpatch_restores_deepspeed_and_install_patches_again():
     out = probe()
-    assert out["after_import"] == {"patched": True, "own_methods": [False] * 7, "registered": True}
-    assert out["after_unpatch"] == {"patched": False, "own_methods": [True] * 7, "registered": False}
+    patched = {"patched": True, "own_methods": [False] * 7, "registered": True, "own_config_parsing": False}
+    assert out["after_import"] == patched
+    assert out["after_unpatch"] == {"patched": False, "own_methods": [True] * 7, "registered": False, "own_config_parsing": True}
     assert out["after_install"] == out["after_import"]
 
 
 def test_the_environment_switch_leaves_deepspeed_alone():
     out = probe(ADASCALE_NO_DEEPSPEED_PATCH="1")
-    untouched = {"patched": False, "own_methods": [True] * 7, "registered": False}
+    untouched = {"patched": False, "own_methods": [True] * 7, "registered": False, "own_config_parsing": True}
     assert out["after_import"] == out["after_unpatch"] == out["after_install"] == untouched
