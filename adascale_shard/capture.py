@@ -38,13 +38,19 @@ __all__ = ["MicroGradCapture"]
 logger = logging.getLogger(__name__)
 
 
-def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
     # Reduce half-precision gradients in float32; never narrow float64.
     return torch.promote_types(dtype, torch.float32)
 
 
 def _slot_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else norm_dtype(dtype)
+    return dtype if dtype in (torch.float32, torch.float64) else reduction_dtype(dtype)
+
+
+def _norm_dtype_arg(grad_dtype: torch.dtype) -> torch.dtype | None:
+    """The ``dtype=`` of a hook's norm kernel for gradients of ``grad_dtype`` (``None``: its own)."""
+    slot_dtype = _slot_dtype(grad_dtype)
+    return None if slot_dtype == grad_dtype else slot_dtype
 
 
 _MAX_SLOTS_PER_CHUNK = 256  # norm slots allocated together when their number is not known ahead
@@ -197,16 +203,15 @@ class MicroGradCapture:
         """A new slot for a hook whose gradient changed dtype or device (the model was cast or
         moved after the capture was built); the statistics follow the gradients' device."""
         key = (grad.device, _slot_dtype(grad.dtype))
-        norm_dtype = None if key[1] == grad.dtype else key[1]
         if key == old.key:  # bf16 <-> fp32: the same float32 slot, only the norm's dtype changes
-            return slot, old, norm_dtype
+            return slot, old, _norm_dtype_arg(grad.dtype)
         if not self._slots_ahead.get(key):  # the first of a cast: the old chunk's hooks follow
             self._slots_ahead[key] = sum(c.live for c in self._chunks if c.key == old.key)
         old.live -= 1
         slot, chunk = self._new_slot(group_index, *key)
         if grad.device != self.device:
             self._move_statistics(grad.device)
-        return slot, chunk, norm_dtype
+        return slot, chunk, _norm_dtype_arg(grad.dtype)
 
     def _move_statistics(self, device: torch.device) -> None:
         self.device = device
@@ -242,9 +247,8 @@ class MicroGradCapture:
         key = id(param)
         owner_ref = weakref.ref(param if owner is None else owner)
         grad_dtype = param.dtype  # what the slot was made for
-        slot_dtype = _slot_dtype(grad_dtype)
-        norm_dtype = None if slot_dtype == grad_dtype else slot_dtype  # None: the norm's own dtype
-        slot, chunk = self._new_slot(group_index, param.device, slot_dtype)
+        norm_dtype = _norm_dtype_arg(grad_dtype)
+        slot, chunk = self._new_slot(group_index, param.device, _slot_dtype(grad_dtype))
         capture = self
         vector_norm = torch.linalg.vector_norm
         hypot = torch.hypot

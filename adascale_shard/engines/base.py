@@ -9,7 +9,7 @@ import torch
 
 from .._compat import is_dtensor, local_shard
 from .._docs import see
-from ..capture import norm_dtype
+from ..capture import reduction_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..capture import MicroGradCapture
@@ -109,7 +109,7 @@ def grad_sqr_norms(groups: Sequence[Sequence[torch.Tensor]], device: torch.devic
         norms = []
         for dtype in dtypes:
             same = grads if len(dtypes) == 1 else [g for g in grads if g.dtype == dtype]
-            norms += foreach_norm()(same, 2, dtype=norm_dtype(dtype))
+            norms += foreach_norm()(same, 2, dtype=reduction_dtype(dtype))
         if norms:
             if len(dtypes) > 1:
                 norms = [n.to(torch.float64) for n in norms]
