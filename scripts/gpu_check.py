@@ -181,6 +181,11 @@ def _move(model, spec: dict, device, engine: str = "ddp") -> None:
     model.to(device if spec["device"] == "cuda" else _moved_dtype(spec, engine))
 
 
+def _record_update(out: dict, opt) -> None:
+    out["gain"].append(opt.gain())
+    out["N"].append(opt.stats()["N"])
+
+
 def _capture_facts(opt) -> dict:
     capture = opt._capture
     return {
@@ -224,8 +229,7 @@ def ddp_worker(rank: int, world: int, spec: dict) -> dict:
                 (loss / ACCUMULATION).backward()
         opt.step()
         opt.zero_grad()
-        out["gain"].append(opt.gain())
-        out["N"].append(opt.stats()["N"])
+        _record_update(out, opt)
     out.update(_capture_facts(opt))
     out["param_device"] = str(next(model.parameters()).device)
     return out
@@ -290,8 +294,7 @@ def fsdp2_worker(rank: int, world: int, spec: dict) -> dict:
             (loss / ACCUMULATION).backward()
         opt.step()
         opt.zero_grad()
-        out["gain"].append(opt.gain())
-        out["N"].append(opt.stats()["N"])
+        _record_update(out, opt)
     out.update(_capture_facts(opt))
     return out
 
@@ -401,8 +404,7 @@ def deepspeed_worker(rank: int, world: int, spec: dict) -> dict:
             engine.backward(loss)
             engine.step()
         out["scale_after"].append(float(getattr(wrapper, "loss_scale", 1.0)))
-        out["gain"].append(adascale.gain())
-        out["N"].append(adascale.stats()["N"])
+        _record_update(out, adascale)
     out.update(_capture_facts(adascale))
     out["param_device"] = str(engine.device)
     return out

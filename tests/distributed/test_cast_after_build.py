@@ -76,6 +76,19 @@ def micro_batch(update: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(MICRO_BATCH, D_IN, generator=gen), torch.randn(MICRO_BATCH, 1, generator=gen)
 
 
+def _cast_to_float64(model: torch.nn.Module, built: str):
+    """Cast ``model`` to float64 (the CPU proxy of ``model.to("cuda")``) with AdaScale built
+    ``"before"`` or ``"after"`` the cast; returns the AdaScale."""
+    from adascale_shard import AdaScale
+
+    if built == "after":
+        model.to(torch.float64)
+    optimizer = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    if built == "before":
+        model.to(torch.float64)
+    return optimizer
+
+
 def _record(out: dict, adascale, params: list[torch.Tensor]) -> None:
     stats = adascale.stats()
     for key in ("gain", "tau", "var", "sqr", "N", "dropped_windows", "nonfinite_updates"):
@@ -215,18 +228,13 @@ def accelerate_ddp_case(rank: int, world: int, built: str) -> dict:
     _dist_env(rank, world)
     from accelerate import Accelerator
 
-    from adascale_shard import AdaScale, unwrap
+    from adascale_shard import unwrap
 
     try:
         _reset_accelerate()
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATION)
         model = Net()
-        if built == "before":
-            optimizer = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
-            model.to(torch.float64)  # the CPU proxy of model.to("cuda")
-        else:
-            model.to(torch.float64)
-            optimizer = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+        optimizer = _cast_to_float64(model, built)
         wrapped, prepared = accelerator.prepare(model, optimizer)
         assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel), type(wrapped)
         adascale = unwrap(prepared)
@@ -254,15 +262,9 @@ def ddp_case(rank: int, world: int, built: str) -> dict:
     or ``"after"`` (the cast, then AdaScale, then DDP)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from adascale_shard import AdaScale
 
     model = Net()
-    if built == "before":
-        optimizer = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
-        model.to(torch.float64)  # the CPU proxy of model.to("cuda")
-    else:
-        model.to(torch.float64)
-        optimizer = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    optimizer = _cast_to_float64(model, built)
     ddp = DistributedDataParallel(model)
     out: dict = {}
     for u in range(UPDATES):
