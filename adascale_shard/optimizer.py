@@ -195,6 +195,7 @@ class AdaScale(torch.optim.Optimizer):
         self._seen_backward = False
         self._regrouped = False  # an engine merged the statistics into one group (DeepSpeed's wrappers)
         self._warned_nonfinite = False
+        self._applied: tuple[list[float], float] | None = None  # (base lrs, lr factor) of the latest step
         self._engine: Engine = select_engine(self.optimizer.param_groups, self._rank_and_world_size)
         self._capture = self._new_capture()
         if self._capture.num_hooks == 0 and self._engine.hooks_parameters:
@@ -307,8 +308,9 @@ class AdaScale(torch.optim.Optimizer):
         return gain if self.config.lr_scaling == "gain" else math.sqrt(gain)
 
     def stats(self) -> dict[str, float]:
-        """Floats for logging: the whole model's ``gain, tau, var, sqr, noise_scale, N, S,
-        effective_lr`` (of group 0), counters, and ``group{i}/...`` values per parameter group.
+        """Floats for logging: the whole model's ``gain, tau, var, sqr, noise_scale, N, S``,
+        ``lr`` and ``effective_lr`` (of group 0: the scheduled learning rate the latest update used,
+        and that times its gain), counters, and ``group{i}/...`` values per parameter group.
 
         ``var`` and ``sqr`` are the smoothed, clamped estimates the gain was computed from, in the
         units of the gradient; ``noise_scale = var / sqr`` is the gradient noise scale in base
@@ -316,11 +318,13 @@ class AdaScale(torch.optim.Optimizer):
         (``python -m adascale_shard.advisor`` predicts it at other scales from these logs).
         """
         out = self._estimator.stats()
-        factor = self.lr_factor()
-        out["effective_lr"] = float(self.param_groups[0]["lr"]) * factor
+        # The latest update's lr and factor; before the first, what the first would apply.
+        lrs, factor = self._applied or ([group["lr"] for group in self.param_groups], self.lr_factor())
+        out["lr"] = float(lrs[0])
+        out["effective_lr"] = float(lrs[0]) * factor
         out["dropped_windows"] = float(self._capture.dropped_windows)
-        for index in range(min(self._estimator.num_groups, len(self.param_groups))):
-            out[f"group{index}/effective_lr"] = float(self.param_groups[index]["lr"]) * factor
+        for index in range(min(self._estimator.num_groups, len(lrs))):
+            out[f"group{index}/effective_lr"] = float(lrs[index]) * factor
         return out
 
     # -- the update ---------------------------------------------------------------------------
@@ -368,6 +372,7 @@ class AdaScale(torch.optim.Optimizer):
         ranks = world_size(self.process_group)
         # The probe norms that recover a clip since the last pass are local: read beside the sums.
         if engine.grad_sqr_is_part(capture):
+        self._applied = ([lr for lr, _ in saved], factor)
             # This rank measures its part of ||G||^2 (its shard, or its share of the tensors of a
             # replicated gradient: each rank reads 1/ranks of G): summed with the rest.
             grad_sqr, probes = engine.take_grad_sqr(capture)

@@ -24,8 +24,6 @@ Where the statistics come from on each stage: :mod:`adascale_shard.engines.deeps
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import importlib.metadata
 import logging
 import os
@@ -37,6 +35,7 @@ from ..config import AdaScaleConfig
 from ..engines import deepspeed as engines_deepspeed
 from ..optimizer import AdaScale
 from ..schedule import follow_tau
+from ._post_import import forget, when_imported
 
 __all__ = ["install", "unpatch", "TESTED_VERSIONS", "OPTIMIZER_TYPE", "NO_PATCH_ENV"]
 
@@ -69,18 +68,14 @@ def install() -> None:
     if os.environ.get(NO_PATCH_ENV, "") == "1":
         logger.info("adascale_shard: %s=1, DeepSpeed is not patched (no \"type\": \"AdaScale\")", NO_PATCH_ENV)
         return
-    module = sys.modules.get(_ENGINE_MODULE)
-    if module is not None:
-        patch_engine(module)
-    elif not any(isinstance(f, _EngineImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _EngineImportHook())
+    when_imported(_ENGINE_MODULE, patch_engine)
 
 
 def unpatch() -> None:
     """Undo :func:`install`: DeepSpeed's engine gets its own methods back, AdaScale leaves ZeRO's
     supported optimizers, and a DeepSpeed imported later is not patched. Engines already built
     with AdaScale keep working as they were built."""
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _EngineImportHook)]
+    forget(_ENGINE_MODULE)
     module = sys.modules.get(_ENGINE_MODULE)
     engine_cls = getattr(module, "DeepSpeedEngine", None)
     originals = getattr(engine_cls, _ORIGINALS, None) if engine_cls is not None else None
@@ -98,26 +93,6 @@ def unpatch() -> None:
 
     while AdaScale in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.remove(AdaScale)
-
-
-class _EngineImportHook(importlib.abc.MetaPathFinder):
-    """Runs :func:`patch_engine` right after ``deepspeed.runtime.engine`` executes."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _ENGINE_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        loader = spec.loader
-        exec_module = loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            patch_engine(module)
-
-        loader.exec_module = exec_and_patch
-        return spec
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -271,11 +246,40 @@ def build_optimizer(model_parameters: Any, params: dict[str, Any] | None) -> Ada
             "AdaScale JSON params: 'max_grad_norm' is not an optimizer parameter in DeepSpeed; set "
             "the top-level \"gradient_clipping\" instead" + see("max-grad-norm-in-json-params")
         )
-    lr = params.get("lr")
-    if isinstance(lr, str):
+    unresolved = {key: value for key, value in params.items() if isinstance(value, str) and value.lower() == "auto"}
+    if unresolved:
         raise ValueError(
-            f"AdaScale JSON params: lr={lr!r} was not resolved. \"auto\" is filled in by the HF "
-            "Trainer's DeepSpeed integration; with deepspeed.initialize give a number" + see("lr-auto-not-resolved")
+            f"AdaScale JSON params: {sorted(unresolved)} are \"auto\", which only the HF Trainer's DeepSpeed "
+            "integration fills in; with deepspeed.initialize give numbers" + see("lr-auto-not-resolved")
         )
+    if isinstance(params.get("lr"), str):
+        raise ValueError(
+            f"AdaScale JSON params: lr={params['lr']!r} is not a number" + see("lr-auto-not-resolved")
+        )
+    params = _with_base_optimizer(params)
     own, rest = AdaScaleConfig.split_kwargs(params)
     return AdaScale(model_parameters, **{k: getattr(own, k) for k in AdaScaleConfig.field_names()}, **rest)
+
+
+# The params of DeepSpeed's own Adam types that choose an implementation, not a hyper-parameter.
+_DEEPSPEED_ADAM_SWITCHES = ("torch_adam", "adam_w_mode")
+
+
+def _with_base_optimizer(params: dict[str, Any]) -> dict[str, Any]:
+    """The JSON the HF docs teach has Adam's params (``betas``, ``eps``) and no ``"optimizer"``:
+    it was an AdamW block with one word changed, so AdamW is the base (Adam for
+    ``"adam_w_mode": false``)."""
+    if "optimizer" in params:
+        for switch in _DEEPSPEED_ADAM_SWITCHES:
+            params.pop(switch, None)
+        return params
+    if not ({"betas", "eps", *_DEEPSPEED_ADAM_SWITCHES} & params.keys()):
+        return params
+    base = "AdamW" if params.pop("adam_w_mode", True) else "Adam"
+    params.pop("torch_adam", None)
+    logger.info(
+        'AdaScale JSON params: Adam\'s params (betas, eps) and no "optimizer": the base optimizer is %s '
+        '(set "optimizer": "<torch.optim name>" in the params to choose another)',
+        base,
+    )
+    return {"optimizer": base, **params}

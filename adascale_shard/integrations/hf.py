@@ -48,6 +48,7 @@ from .._docs import see
 from ..optimizer import AdaScale
 from ..schedule import follow_tau
 from ..unwrap import find
+from . import hf_patch
 
 try:  # the Trainer's callback types; the module is imported only by users of the Trainer
     from transformers import TrainerCallback
@@ -63,7 +64,7 @@ __all__ = ["enable_adascale", "AdaScaleArguments", "AdaScaleCallback", "run_summ
 
 logger = logging.getLogger(__name__)
 
-LOG_KEYS = ("gain", "tau", "var", "sqr", "noise_scale", "efficiency", "S", "effective_lr", "updates")
+LOG_KEYS = ("gain", "tau", "var", "sqr", "noise_scale", "efficiency", "S", "lr", "effective_lr", "updates")
 
 
 def _innermost_scheduler(scheduler: Any) -> Any:
@@ -89,15 +90,21 @@ def enable_adascale(
 ) -> "AdaScaleCallback":
     """Turn a ``transformers.Trainer`` into an AdaScale run (call before ``trainer.train()``).
 
+    With ``import adascale_shard`` this also happens by itself at ``trainer.train()`` whenever
+    AdaScale is the Trainer's optimizer or an :class:`AdaScaleCallback` is among its callbacks.
+
     Args:
         trainer: the Trainer (or a subclass, e.g. TRL's).
         base_batch_size (int, optional): the global batch, in samples, at which the learning rate
             and ``max_steps`` were tuned; ``S = global_batch / base_batch_size``. ``None``: the
-            per-device micro-batch is the base batch (``S = N`` micro-batches per update).
-        optimizer (str or type, optional): the base optimizer (a ``torch.optim`` name or class;
-            default ``"SGD"``), built by the Trainer through ``optimizer_cls_and_kwargs`` with
-            ``lr=args.learning_rate``. Not allowed with ``--deepspeed`` and an AdaScale JSON block
-            (the JSON names it there).
+            per-device micro-batch is the base batch (``S = N`` micro-batches per update), or the
+            JSON's ``"scale"`` under DeepSpeed.
+        optimizer (str or type, optional): the base optimizer (a ``torch.optim`` name or class),
+            built by the Trainer through ``optimizer_cls_and_kwargs`` with
+            ``lr=args.learning_rate``. ``None``: the optimizer the Trainer would build itself
+            (``optimizer_cls_and_kwargs`` if set, else ``--optim``, AdamW by default, with its
+            ``betas``, ``eps`` and ``--weight_decay`` groups). Not allowed with ``--deepspeed`` and
+            an AdaScale JSON block (the JSON names it there).
         **optimizer_kwargs: the base optimizer's other arguments (``momentum=0.9``, ...) and
             AdaScale's (``smoothing``, ``lr_scaling``).
 
@@ -105,7 +112,47 @@ def enable_adascale(
         The :class:`AdaScaleCallback` (its ``adascale`` attribute is the optimizer once training
         started).
     """
+    return _enable(trainer, AdaScaleCallback(base_batch_size, optimizer=optimizer, **optimizer_kwargs))
+
+
+def prepare_train(trainer: Any) -> None:
+    """What ``Trainer.train`` does first under ``import adascale_shard`` (:mod:`.hf_patch`): the
+    whole AdaScale flow when AdaScale is or will be the optimizer, else a check that refuses an
+    AdaScale optimizer appearing later without it."""
+    callbacks = trainer.callback_handler.callbacks
+    if any(isinstance(c, AdaScaleFlowCallback) for c in callbacks):
+        return  # enable_adascale() ran
+    given = next((c for c in callbacks if isinstance(c, AdaScaleCallback)), None)
+    source = "an AdaScaleCallback among the callbacks" if given is not None else _adascale_source(trainer)
+    if source is None:
+        if not any(isinstance(c, _FlowCheck) for c in callbacks):
+            callbacks.append(_FlowCheck())
+        return
+    _enable(trainer, given if given is not None else AdaScaleCallback())
+    logger.info(
+        "AdaScale is the Trainer's optimizer (%s): max_steps=%d is the budget in scale-invariant steps, "
+        "the schedule is read at floor(tau), adascale/* metrics are logged (docs/trainer.md)",
+        source,
+        trainer.args.max_steps,
+    )
+
+
+def _adascale_source(trainer: Any) -> str | None:
+    deepspeed_config = getattr(trainer.args, "hf_deepspeed_config", None)
+    block = deepspeed_config.config.get("optimizer") if deepspeed_config is not None else None
+    if isinstance(block, dict) and str(block.get("type", "")).lower() == "adascale":
+        return 'the DeepSpeed JSON "optimizer" block'
+    current = getattr(trainer, "optimizer_cls_and_kwargs", None)
+    if current is not None and isinstance(current[0], type) and issubclass(current[0], AdaScale):
+        return "optimizer_cls_and_kwargs"
+    if find(trainer.optimizer) is not None:
+        return "the optimizer given to the Trainer"
+    return None
+
+
+def _enable(trainer: Any, main: "AdaScaleCallback") -> "AdaScaleCallback":
     args = trainer.args
+    base_batch_size = main.base_batch_size
     if base_batch_size is not None:
         if isinstance(base_batch_size, bool) or not isinstance(base_batch_size, int) or base_batch_size < 1:
             raise ValueError(
@@ -121,15 +168,16 @@ def enable_adascale(
                 + see("base-batch-size-larger-than-the-global-batch")
             )
     _check_world(args)
-    _set_optimizer(trainer, optimizer, optimizer_kwargs)
+    _set_optimizer(trainer, main.optimizer, main.optimizer_kwargs)
     if args.max_steps is None or args.max_steps <= 0:
         args.max_steps = _epochs_to_steps(trainer, base_batch_size)
+    main._trainer = weakref.ref(trainer)
     handler = trainer.callback_handler
-    main = AdaScaleCallback(base_batch_size=base_batch_size, trainer=trainer)
     for cls, replacement in ((DefaultFlowCallback, AdaScaleFlowCallback(main)), (ProgressCallback, None)):
         for index, callback in enumerate(handler.callbacks):
             if type(callback) is cls:
                 handler.callbacks[index] = replacement or AdaScaleProgressCallback(main)
+    handler.callbacks[:] = [c for c in handler.callbacks if c is not main and not isinstance(c, _FlowCheck)]
     handler.callbacks.insert(0, main)  # before the reporters, so they receive adascale/* in on_log
     return main
 
@@ -216,9 +264,23 @@ def _set_optimizer(trainer: Any, optimizer: Any, optimizer_kwargs: dict[str, Any
     if trainer.optimizer is not None:
         return
     current = trainer.optimizer_cls_and_kwargs
-    if current is not None and current[0] is AdaScale and optimizer is None and not optimizer_kwargs:
+    is_adascale = current is not None and isinstance(current[0], type) and issubclass(current[0], AdaScale)
+    if is_adascale and optimizer is None and not optimizer_kwargs:
         return
-    kwargs = {"optimizer": optimizer or "SGD", "lr": trainer.args.learning_rate, **optimizer_kwargs}
+    if optimizer is not None:
+        kwargs = {"optimizer": optimizer, "lr": trainer.args.learning_rate, **optimizer_kwargs}
+    else:
+        # The optimizer the Trainer would build without AdaScale: the user's class, or --optim's.
+        base_cls, base_kwargs = (
+            current if current is not None and not is_adascale else trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+        )
+        kwargs = {"optimizer": base_cls, **base_kwargs, **optimizer_kwargs}
+        logger.info(
+            "AdaScale wraps %s(%s), the optimizer the Trainer would build (--optim %s)",
+            getattr(base_cls, "__name__", base_cls),
+            ", ".join(f"{k}={v!r}" for k, v in base_kwargs.items()),
+            trainer.args.optim,
+        )
     trainer.optimizer_cls_and_kwargs = (AdaScale, kwargs)
 
 
@@ -237,24 +299,35 @@ def _epochs_to_steps(trainer: Any, base_batch_size: int | None) -> int:
 
 
 class AdaScaleCallback(TrainerCallback):
-    """Connects the Trainer's optimizer, scheduler and logs to AdaScale (see the module doc).
+    """The whole AdaScale flow in the Trainer, as a callback (see the module doc).
 
-    Added by :func:`enable_adascale` as the first callback, so the metrics it adds in ``on_log``
-    reach every reporter.
+    ``Trainer(..., callbacks=[AdaScaleCallback()])`` is enough under ``import adascale_shard``: at
+    ``train()`` AdaScale wraps the optimizer the Trainer would build (or the DeepSpeed JSON builds
+    it), ``max_steps`` becomes the budget in scale-invariant steps, the flow, progress bar and
+    schedule follow ``floor(tau)``. The arguments are those of :func:`enable_adascale`, which adds
+    this callback itself. It runs first, so the metrics it adds in ``on_log`` reach every reporter.
     """
 
-    def __init__(self, base_batch_size: int | None = None, trainer: Any = None) -> None:
+    def __init__(
+        self,
+        base_batch_size: int | None = None,
+        *,
+        optimizer: str | type[torch.optim.Optimizer] | None = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
         self.base_batch_size = base_batch_size
+        self.optimizer = optimizer
+        self.optimizer_kwargs = optimizer_kwargs
         self.adascale: AdaScale | None = None
-        self._trainer = (lambda: None) if trainer is None else weakref.ref(trainer)
+        self._trainer: Any = lambda: None  # a weak reference, set when the Trainer turns the flow on
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         adascale = find(optimizer)
         if adascale is None:
             raise RuntimeError(
                 f"AdaScaleCallback: the Trainer's optimizer is {type(optimizer).__name__}, not AdaScale. Call "
-                "enable_adascale(trainer, ...) before train(), or with --deepspeed put "
-                '"optimizer": {"type": "AdaScale"} in the JSON (and import adascale_shard first)'
+                "enable_adascale(trainer, ...) before train(), or import adascale_shard before train() "
+                f"with its Trainer patch on ({hf_patch.NO_PATCH_ENV} unset)"
                 + see("trainer-optimizer-is-not-adascale")
             )
         trainer = self._trainer()
@@ -262,8 +335,8 @@ class AdaScaleCallback(TrainerCallback):
         scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
         if scaler is not None:  # fp16 without DeepSpeed: Accelerate's GradScaler scales the loss
             adascale.attach_grad_scaler(scaler)
-        scale = None if self.base_batch_size is None else _global_batch(args) / self.base_batch_size
-        adascale.set_scale(scale)
+        if self.base_batch_size is not None:  # else S = N, or the JSON's "scale"
+            adascale.set_scale(_global_batch(args) / self.base_batch_size)
         if model is not None and _is_fsdp2(model):
             adascale.attach(model)
         elif getattr(args, "fsdp", None) and args.world_size > 1:
@@ -282,9 +355,27 @@ class AdaScaleCallback(TrainerCallback):
             return
         stats = self.adascale.stats()
         extra = {f"adascale/{key}": stats[key] for key in LOG_KEYS if math.isfinite(stats[key])}
+        if "learning_rate" in logs:
+            # The Trainer reads the scheduler, already moved on to the next update; the record is
+            # of the update just taken, whose effective_lr is this lr times its gain.
+            extra["learning_rate"] = stats["lr"]
         logs.update(extra)
         if state.log_history:  # the Trainer appended a copy before calling the callbacks
             state.log_history[-1].update(extra)
+
+
+class _FlowCheck(TrainerCallback):
+    """Added by :func:`prepare_train` when AdaScale was not seen before training: refuses an
+    AdaScale optimizer that appears later (a ``create_optimizer`` override) without the flow."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if find(optimizer) is not None:
+            raise RuntimeError(
+                "the Trainer's optimizer is AdaScale, but it was built inside train() (a create_optimizer "
+                "override?), after the budget and schedule were set: AdaScale's flow (budget in tau, "
+                "schedule at floor(tau), metrics) would be missing. Call enable_adascale(trainer) before "
+                "trainer.train(), or pass callbacks=[AdaScaleCallback()]" + see("adascale-built-inside-train")
+            )
 
 
 def _check_data_parallel(args: Any, trainer: Any) -> None:

@@ -87,3 +87,36 @@ def test_json_params_map_onto_the_config():
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)  # the JSON list; torch's Adam stores betas as a tuple
     default = build_optimizer(params, {"lr": 0.1})
     assert type(default.optimizer) is torch.optim.SGD
+
+
+def test_the_hf_docs_adam_params_select_adamw(caplog):
+    """The HF docs' ZeRO JSON with "AdamW" changed to "AdaScale": Adam's params, no "optimizer"."""
+    import logging
+
+    import torch
+
+    from adascale_shard.integrations.deepspeed import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    hf_docs = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}  # the "auto" values, filled
+    with caplog.at_level(logging.INFO, logger="adascale_shard"):
+        opt = build_optimizer(params, dict(hf_docs))
+    assert type(opt.optimizer) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.01
+    assert 'the base optimizer is AdamW (set "optimizer"' in caplog.text
+    assert type(build_optimizer(params, {**hf_docs, "adam_w_mode": False}).optimizer) is torch.optim.Adam
+    assert type(build_optimizer(params, {"lr": 1e-3, "torch_adam": True}).optimizer) is torch.optim.AdamW
+    named = build_optimizer(params, {**hf_docs, "optimizer": "NAdam", "torch_adam": True})
+    assert type(named.optimizer) is torch.optim.NAdam  # a named base wins; DeepSpeed's switches are dropped
+    sgd = build_optimizer(params, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01})  # weight decay alone: SGD's
+    assert type(sgd.optimizer) is torch.optim.SGD
+
+
+def test_unfilled_auto_params_are_named():
+    import pytest
+    import torch
+
+    from adascale_shard.integrations.deepspeed import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"\['betas', 'eps', 'lr'\] are \"auto\", which only the HF Trainer"):
+        build_optimizer(params, {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": 0.0})

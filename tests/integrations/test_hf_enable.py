@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback
 
+import adascale_shard.integrations.hf_patch as hf_patch
 from adascale_shard import AdaScale
 from adascale_shard.integrations.hf import (
     AdaScaleCallback,
@@ -85,12 +86,16 @@ def test_errors_name_the_setting(tmp_path):
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="instance"):
         enable_adascale(trainer)
+    # The callback's own check, reached only with the Trainer patch switched off (hf_patch.unpatch()).
     trainer = make_trainer(tmp_path)
     trainer.add_callback(AdaScaleCallback())
-    trainer.optimizer_cls_and_kwargs = (torch.optim.SGD, {"lr": 0.1})
     trainer.callback_handler.callbacks.insert(0, trainer.callback_handler.callbacks.pop())
-    with pytest.raises(RuntimeError, match="not AdaScale"):
-        trainer.train()
+    hf_patch.unpatch()
+    try:
+        with pytest.raises(RuntimeError, match="not AdaScale"):
+            trainer.train()
+    finally:
+        hf_patch.install()
 
 
 def test_progress_bar_counts_tau(tmp_path, capfd):

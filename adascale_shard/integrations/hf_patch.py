@@ -1,0 +1,66 @@
+"""The HF Trainer under ``import adascale_shard``: no half-AdaScale.
+
+``import adascale_shard`` (and so ``python -m adascale_shard.run``) wraps ``Trainer.train`` when
+``transformers.trainer`` is imported (now, or later: this module never imports Transformers).
+Before the Trainer's own ``train`` runs, :func:`adascale_shard.integrations.hf.prepare_train`
+turns on the whole AdaScale flow when AdaScale is, or will be, the Trainer's optimizer (a DeepSpeed
+JSON ``"type": "AdaScale"``, ``optimizer_cls_and_kwargs``, an AdaScale instance, or an
+``AdaScaleCallback`` among the callbacks), and otherwise adds a check that refuses an AdaScale
+optimizer that appears later without the flow. ``ADASCALE_NO_TRAINER_PATCH=1`` in the
+environment switches it off; :func:`unpatch` undoes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from types import ModuleType
+
+from ._post_import import forget, when_imported
+
+__all__ = ["install", "unpatch", "NO_PATCH_ENV"]
+
+logger = logging.getLogger(__name__)
+
+NO_PATCH_ENV = "ADASCALE_NO_TRAINER_PATCH"
+_MODULE = "transformers.trainer"
+_ORIGINAL = "_adascale_shard_original_train"
+
+
+def install() -> None:
+    """Wrap ``Trainer.train`` now if Transformers' trainer module is imported, else when it is."""
+    if os.environ.get(NO_PATCH_ENV, "") == "1":
+        logger.info("adascale_shard: %s=1, the HF Trainer is not patched", NO_PATCH_ENV)
+        return
+    when_imported(_MODULE, patch_trainer)
+
+
+def patch_trainer(module: ModuleType) -> None:
+    """Wrap ``module.Trainer.train`` (idempotent)."""
+    trainer_cls = module.Trainer
+    if _ORIGINAL in vars(trainer_cls):
+        return
+    original = trainer_cls.train
+
+    @functools.wraps(original)
+    def train(self, *args, **kwargs):
+        from .hf import prepare_train  # imports Transformers, which is loaded by now
+
+        prepare_train(self)
+        return original(self, *args, **kwargs)
+
+    setattr(trainer_cls, _ORIGINAL, original)
+    trainer_cls.train = train
+
+
+def unpatch() -> None:
+    """Give ``Trainer`` its own ``train`` back; a Transformers imported later is not patched."""
+    import sys
+
+    forget(_MODULE)
+    module = sys.modules.get(_MODULE)
+    trainer_cls = getattr(module, "Trainer", None)
+    if trainer_cls is not None and _ORIGINAL in vars(trainer_cls):
+        trainer_cls.train = vars(trainer_cls)[_ORIGINAL]
+        delattr(trainer_cls, _ORIGINAL)
