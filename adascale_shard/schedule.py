@@ -18,12 +18,14 @@ _TAU_OF: weakref.WeakKeyDictionary[Any, AdaScale] = weakref.WeakKeyDictionary() 
 _FOLLOWING: dict[type, type] = {}  # scheduler class -> its tau-following subclass
 
 
-def _takes_iteration(cls: type) -> bool:
-    # DeepSpeed's JSON schedulers (WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle) take it in step().
+def _iteration_argument(cls: type) -> str | None:
+    # DeepSpeed's JSON schedulers take the iteration in step(): WarmupLR, WarmupDecayLR and
+    # WarmupCosineLR as last_batch_iteration, OneCycle and LRRangeTest as batch_iteration.
     try:
-        return "last_batch_iteration" in inspect.signature(cls.step).parameters
+        parameters = inspect.signature(cls.step).parameters
     except (TypeError, ValueError):
-        return False
+        return None
+    return next((name for name in ("last_batch_iteration", "batch_iteration") if name in parameters), None)
 
 
 def _counts_steps(scheduler: Any) -> bool:
@@ -34,8 +36,9 @@ def _step_to_tau(self: Any, *args: Any, **kwargs: Any) -> None:
     """Move the schedule to ``floor(tau)``, however often it is called per update."""
     target = math.floor(_TAU_OF[self].tau)
     base_step = super(type(self), self).step
-    if type(self)._adascale_takes_iteration:
-        base_step(last_batch_iteration=target - 1)  # DeepSpeed's convention after `target` steps
+    iteration_argument = type(self)._adascale_iteration_argument
+    if iteration_argument is not None:
+        base_step(**{iteration_argument: target - 1})  # DeepSpeed's convention after `target` steps
         return
     while self.last_epoch < target:
         base_step()
@@ -80,7 +83,7 @@ def follow_tau(scheduler: Any, optimizer: AdaScale) -> Any:
     if getattr(cls, _FOLLOWS_TAU, False):
         _TAU_OF[scheduler] = optimizer
         return scheduler
-    if not (_takes_iteration(cls) or _counts_steps(scheduler)):
+    if not (_iteration_argument(cls) is not None or _counts_steps(scheduler)):
         raise TypeError(
             f"AdaScale cannot drive {cls.__name__} by floor(tau): it does not count steps in last_epoch. "
             "Use a step-counting torch.optim.lr_scheduler (LambdaLR, the HF schedules, StepLR, ...)"
@@ -98,7 +101,7 @@ def follow_tau(scheduler: Any, optimizer: AdaScale) -> Any:
             "step": _step_to_tau,
             "__reduce_ex__": _reduce_following,
             _FOLLOWS_TAU: True,
-            "_adascale_takes_iteration": _takes_iteration(cls),
+            "_adascale_iteration_argument": _iteration_argument(cls),
         }
         following = type(cls.__name__, (cls,), {**namespace, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
         _FOLLOWING[cls] = following

@@ -634,3 +634,25 @@ def test_a_deepspeed_json_scheduler_is_read_at_floor_tau():
         sched.step()  # called twice per update: still at floor(tau)
         assert sched.last_batch_iteration == math.floor(opt.tau) - 1
     assert math.floor(opt.tau) > 4
+
+
+def test_deepspeeds_one_cycle_is_read_at_floor_tau():
+    """OneCycle (and LRRangeTest) take the iteration as step(batch_iteration=...)."""
+    lr_schedules = pytest.importorskip("deepspeed.runtime.lr_schedules")
+    m = make_model()
+    opt = AdaScale(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9))
+    cycle = lr_schedules.OneCycle(opt, cycle_min_lr=0.1, cycle_max_lr=1.0, cycle_first_step_size=10, cycle_momentum=False)
+    sched = follow_tau(cycle, opt)
+    reference = lr_schedules.OneCycle(
+        torch.optim.SGD(make_model().parameters(), lr=1.0), cycle_min_lr=0.1, cycle_max_lr=1.0,
+        cycle_first_step_size=10, cycle_momentum=False,
+    )
+    for u in range(4):
+        accumulate(m, micro_batches(u, 4))
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        assert sched.last_batch_iteration == math.floor(opt.tau) - 1
+        reference.step(batch_iteration=math.floor(opt.tau) - 1)
+        assert opt.param_groups[0]["lr"] == reference.get_last_lr()[0]
+    assert math.floor(opt.tau) > 4
