@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from itertools import zip_longest
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,6 +82,7 @@ class ReplicatedEngine(Engine):
         self._deferred: tuple | None = None
         self._grad_sqr: torch.Tensor | None = None
         self._warned_modified = False
+        self._probe_shapes: list[list[int]] = []  # of the probes read at the last step(), for the warning
 
     def grad_sqr_is_part(self, capture: MicroGradCapture) -> bool:
         return self.replicas()[1] > 1
@@ -121,6 +123,7 @@ class ReplicatedEngine(Engine):
             if _fingerprint(capture.groups) != fingerprint:
                 self._warn_modified("a gradient was replaced or removed")
             return grad_sqr, none
+        self._probe_shapes = [list(p.shape) for p, _ in probe_pairs]
         if any(p.grad is not g for p, g in probe_pairs):
             self._warn_modified("a gradient was replaced or removed")
             return grad_sqr, none
@@ -140,9 +143,13 @@ class ReplicatedEngine(Engine):
             if not self._warned_modified:
                 self._warned_modified = True
                 logger.warning(
-                    "AdaScale: the probe gradients (the smallest parameters') are zero, so a clip or "
-                    "unscale between the last backward pass and step() cannot be recovered; ||G||^2 "
-                    "is taken as it is at step()" + see("probe-gradients-are-zero")
+                    "AdaScale: the probe gradients (the smallest trainable parameters, shapes %s) were "
+                    "exactly zero at this update, so a clip or unscale between the last backward pass and "
+                    "step() could not be measured: this update's ||G||^2 is the one at step(), too small by "
+                    "the square of any factor the gradients were scaled by in between, which raises its "
+                    "gain. Harmless if nothing rescales the gradients before step() (logged once)"
+                    + see("probe-gradients-are-zero"),
+                    self._probe_shapes,
                 )
             return 1.0
         if max(ratios) - min(ratios) > 1e-4 * max(ratios):
@@ -162,11 +169,19 @@ class ReplicatedEngine(Engine):
         return grad_sqr_norms(groups, capture.device)
 
     def _probe_params(self, groups: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-        """The smallest trainable parameters: their gradients are cheap to read twice."""
+        """Probe candidates: small trainable parameters (their gradients are cheap to read twice),
+        the smallest of the two smallest shapes in turn, so that the first two with a gradient are
+        of two shapes. One shape alone can be silenced: a zero-initialised factor makes its
+        partner's gradient exactly zero (LoRA's ``B = 0`` zeroes the gradient of every ``A``, all of
+        one shape, until the first update), while the zero factor itself gets a gradient."""
         key = _groups_key(groups)
         if self._probes is None or self._probes[0] != key:
-            trainable = [p for params in groups for p in params if p.requires_grad]
-            self._probes = (key, sorted(trainable, key=lambda p: p.numel())[:4])
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in sorted((p for params in groups for p in params if p.requires_grad), key=lambda p: p.numel()):
+                by_shape.setdefault(p.shape, []).append(p)
+            smallest = list(by_shape.values())[:2]
+            alternating = [p for pair in zip_longest(*smallest) for p in pair if p is not None]
+            self._probes = (key, alternating[:4])
         return self._probes[1]
 
     def _warn_modified(self, why: str) -> None:
