@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale_invariance import ByteLM, accumulate, base_schedule, lsw_schedule, train_loop  # noqa: E402
+from scale_invariance import ByteLM, accumulate, base_schedule, lsw_schedule, train_loop
 
-from adascale_shard import AdaScale, estimators, follow_tau  # noqa: E402
+from adascale_shard import AdaScale, estimators, follow_tau
 
 TASKS = {
     "scratch": {"steps": 800, "lrs": [3e-4, 1e-3, 3e-3, 1e-2]},
@@ -88,7 +88,7 @@ class PreconditionedAdaScale(AdaScale):
             weights.append(1.0 / (math.sqrt(v_hat) + group["eps"]) ** 2)
         return weights
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         plain = self._estimator
         self._estimator = PreconditionedEstimator(self._weights, plain.num_groups, plain.min_relative_var)
@@ -98,11 +98,11 @@ class PreconditionedAdaScale(AdaScale):
 class PreconditionedEstimator(estimators.Estimator):
     """The estimator with each group's averages weighed by ``weights()`` before they are summed."""
 
-    def __init__(self, weights, num_groups: int, min_relative_var: float) -> None:  # noqa: ANN001
+    def __init__(self, weights, num_groups: int, min_relative_var: float) -> None:
         super().__init__(num_groups, min_relative_var)
         self.weights = weights
 
-    def averages(self, groups) -> tuple[float, float]:  # noqa: ANN001
+    def averages(self, groups) -> tuple[float, float]:
         indices = [i for i in groups if self.avg_weights[i] > 0.0]
         weights = self.weights()
         var = sum(weights[i] * self.grad_var_avg[i] / self.avg_weights[i] for i in indices)
@@ -114,7 +114,7 @@ class SqrtTauAdaScale(AdaScale):
     """The sqrt rule with progress counted at the lr's rate: ``tau += gain ** 0.5`` per update,
     and decoupled weight decay ``lr * weight_decay * gain ** 0.5`` to stay in step with it."""
 
-    def step(self, closure=None):  # noqa: ANN001, ANN201
+    def step(self, closure=None):
         saved = [group["weight_decay"] for group in self.param_groups]
         updates = self._estimator.updates
         gain_before = self._estimator.gain

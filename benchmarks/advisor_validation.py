@@ -37,11 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import scale_invariance as si  # noqa: E402
+import scale_invariance as si
 
-from adascale_shard import AdaScale, follow_tau  # noqa: E402
-from adascale_shard.advisor import Model, RunLog  # noqa: E402
-from adascale_shard import estimators as est  # noqa: E402
+from adascale_shard import AdaScale, follow_tau
+from adascale_shard import estimators as est
+from adascale_shard.advisor import Model, RunLog
 
 LOG_EVERY = 50  # Trainer-style log: a record every T1 / LOG_EVERY scale-invariant steps
 
@@ -60,7 +60,7 @@ def load(path: Path) -> dict[str, list[dict]]:
     return chosen
 
 
-def source_log(task, row: dict, cache: Path) -> list[dict]:  # noqa: ANN001
+def source_log(task, row: dict, cache: Path) -> list[dict]:
     """The benchmark's AdaScale run of ``row`` again, with ``stats()`` after every update."""
     path = cache / f"{row['task']}_{row['run_id']}_S{row['scale']}_seed{row['seed']}.jsonl"
     if path.exists():
@@ -104,7 +104,7 @@ def model_of(records: list[dict], instantaneous: bool = False) -> Model:
     return Model(RunLog(Path("-"), points, averaged, [], [], 0))
 
 
-def validate(task, rows: list[dict], source: int, cache: Path) -> tuple[list[dict], list[str]]:  # noqa: ANN001
+def validate(task, rows: list[dict], source: int, cache: Path) -> tuple[list[dict], list[str]]:
     problems = []
     per_target: dict[int, list[tuple]] = {}
     for src in sorted((r for r in rows if r["scale"] == source), key=lambda r: r["seed"]):
@@ -134,7 +134,7 @@ def validate(task, rows: list[dict], source: int, cache: Path) -> tuple[list[dic
     for scale in sorted(per_target):
         runs = per_target[scale]
 
-        def err(i: int) -> list[float]:
+        def err(i: int, runs: list = runs) -> list[float]:
             return [(r[i] - r[0]) / r[0] for r in runs]
 
         out.append(

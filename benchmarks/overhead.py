@@ -106,7 +106,7 @@ def micro_batch(workload: str, step: int, rank: int) -> dict:
     return {"x": torch.randn(16, 32, generator=gen).to(DEVICE)}
 
 
-def loss_of(model, batch) -> torch.Tensor:  # noqa: ANN001
+def loss_of(model, batch) -> torch.Tensor:
     out = model(**batch)
     return out.loss if hasattr(out, "loss") else out
 
@@ -206,7 +206,7 @@ def synchronize() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def timed(update, step: int) -> float:  # noqa: ANN001
+def timed(update, step: int) -> float:
     synchronize()  # nothing of the previous update still running on the device
     dist.barrier()
     start = time.perf_counter()
@@ -223,13 +223,13 @@ def ratio_ci(ratios: list[float]) -> tuple[float, float, float]:
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def allocated_bytes(update, step: int) -> int:  # noqa: ANN001
+def allocated_bytes(update, step: int) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         total = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if not func.is_view:
                 for t in out if isinstance(out, (tuple, list)) else [out]:
@@ -253,7 +253,7 @@ class CollectiveCount:
             original = getattr(dist, name)
             self.saved[name] = original
 
-            def wrapper(*args, _name=name, _original=original, **kwargs):  # noqa: ANN002, ANN003
+            def wrapper(*args, _name=name, _original=original, **kwargs):
                 tensor = args[0] if args else None
                 if isinstance(tensor, (list, tuple)):
                     tensor = tensor[0] if tensor else None
@@ -265,7 +265,7 @@ class CollectiveCount:
             setattr(dist, name, wrapper)
         return self
 
-    def __exit__(self, *exc):  # noqa: ANN002
+    def __exit__(self, *exc):
         for name, original in self.saved.items():
             setattr(dist, name, original)
 

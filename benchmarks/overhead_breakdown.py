@@ -42,13 +42,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import LR, MOMENTUM, WORKLOADS, build_model, loss_of, micro_batch, ratio_ci  # noqa: E402
+from overhead import LR, MOMENTUM, WORKLOADS, build_model, loss_of, micro_batch, ratio_ci
 
-from adascale_shard import AdaScale  # noqa: E402
-from adascale_shard.capture import MicroGradCapture  # noqa: E402
+from adascale_shard import AdaScale
+from adascale_shard.capture import MicroGradCapture
 
 
-def make_update(workload: str, kind: str, ranks: bool, own_group=None):  # noqa: ANN001
+def make_update(workload: str, kind: str, ranks: bool, own_group=None):
     model = build_model(workload)
     module = torch.nn.parallel.DistributedDataParallel(model) if ranks else model
     base = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -71,8 +71,8 @@ def make_update(workload: str, kind: str, ranks: bool, own_group=None):  # noqa:
         # kernel AdaScale's hook runs (into a slot of one preallocated tensor), without any bookkeeping.
         slots = torch.zeros(len(list(model.parameters())))
 
-        def norm_into(slot: torch.Tensor):  # noqa: ANN202
-            def hook(grad):  # noqa: ANN001, ANN202
+        def norm_into(slot: torch.Tensor):
+            def hook(grad):
                 torch.linalg.vector_norm(grad, out=slot)
 
             return hook
@@ -141,7 +141,7 @@ def main() -> None:
             if "replicated" in kinds:
                 pairs.append(("adascale", "replicated"))
             for upper, lower in pairs:
-                part = [u / l for u, l in zip(ratios[upper], ratios[lower])]
+                part = [u / v for u, v in zip(ratios[upper], ratios[lower])]
                 mean, lo, hi = ratio_ci(part)
                 print(f"{args.workload} {where} {upper} / {lower}: {mean:.4f} [{lo:.4f}, {hi:.4f}]")
         if not ranks:

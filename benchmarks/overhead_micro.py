@@ -25,7 +25,7 @@ import torch.distributed as dist
 from adascale_shard.capture import MicroGradCapture
 
 
-def median_us(fn, repeats: int, warmup: int = 20) -> float:  # noqa: ANN001
+def median_us(fn, repeats: int, warmup: int = 20) -> float:
     for _ in range(warmup):
         fn()
     times = []

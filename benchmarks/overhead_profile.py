@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import overhead  # noqa: E402
+import overhead
 
-from adascale_shard import capture as capture_module  # noqa: E402
-from adascale_shard import optimizer as optimizer_module  # noqa: E402
-from adascale_shard.engines import replicated as replicated_module  # noqa: E402
+from adascale_shard import capture as capture_module
+from adascale_shard import optimizer as optimizer_module
+from adascale_shard.engines import replicated as replicated_module
 
 SECONDS: dict[str, float] = {}
 ORDER = (
@@ -42,8 +42,8 @@ ORDER = (
 )
 
 
-def timed(name: str, fn):  # noqa: ANN001, ANN201
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+def timed(name: str, fn):
+    def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -66,7 +66,7 @@ def instrument() -> None:
     replicated.take_grad_sqr = timed("  ||G||^2 at step()", replicated.take_grad_sqr)
     start = optimizer_module.start_all_reduce_sum
 
-    def start_then_time_wait(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def start_then_time_wait(*args, **kwargs):
         return timed("  waiting for the all-reduce", start(*args, **kwargs))
 
     optimizer_module.start_all_reduce_sum = timed("  launching the all-reduce", start_then_time_wait)

@@ -27,9 +27,8 @@ import json
 import math
 import sysconfig
 import time
-from pathlib import Path
-
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -69,11 +68,11 @@ class Digits:
         idx = torch.randint(len(self.train[0]), (size,), generator=gen)
         return self.train[0][idx], self.train[1][idx]
 
-    def loss(self, model, batch) -> torch.Tensor:  # noqa: ANN001
+    def loss(self, model, batch) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
 
     @torch.no_grad()
-    def evaluate(self, model) -> dict:  # noqa: ANN001
+    def evaluate(self, model) -> dict:
         logits = model(self.val[0])
         return {
             "val_accuracy": (logits.argmax(1) == self.val[1]).float().mean().item(),
@@ -109,11 +108,11 @@ class ByteLM:
         start = torch.randint(len(self.train_tokens) - self.SEQ - 1, (size,), generator=gen)
         return self.train_tokens[start[:, None] + torch.arange(self.SEQ)]
 
-    def loss(self, model, batch) -> torch.Tensor:  # noqa: ANN001
+    def loss(self, model, batch) -> torch.Tensor:
         return model(input_ids=batch, labels=batch).loss
 
     @torch.no_grad()
-    def evaluate(self, model) -> dict:  # noqa: ANN001
+    def evaluate(self, model) -> dict:
         ids = self.val[:, : self.SEQ]
         return {"val_loss": model(input_ids=ids, labels=ids).loss.item()}
 
@@ -142,7 +141,7 @@ def lsw_schedule(base_steps: int, steps: int, scale: float):
     return multiplier
 
 
-def accumulate(task, model, scale: int, batch: int, gen: torch.Generator) -> float:  # noqa: ANN001
+def accumulate(task, model, scale: int, batch: int, gen: torch.Generator) -> float:
     """Backward over `scale` micro-batches of the base size (one update); the mean loss.
 
     On several DDP ranks (``--ranks``), every rank draws all `scale` micro-batches, so the data
@@ -164,7 +163,7 @@ def accumulate(task, model, scale: int, batch: int, gen: torch.Generator) -> flo
     return total
 
 
-def train_loop(task, model, opt, sched, *, scale: int, batch: int, gen: torch.Generator, steps: int, planned: int | None, metric: str) -> dict:  # noqa: ANN001
+def train_loop(task, model, opt, sched, *, scale: int, batch: int, gen: torch.Generator, steps: int, planned: int | None, metric: str) -> dict:
     """Update until ``tau >= steps`` (AdaScale: ``planned`` is None) or for ``planned`` updates;
     the validation ``metric`` every ``steps / 10`` scale-invariant steps (AdaScale: ``tau``; else
     how far along the base schedule the run is), AdaScale's gain every update."""
@@ -349,7 +348,7 @@ def table(path: Path) -> str:
         ]
         for scale in sorted({r["scale"] for r in runs}):
 
-            def cell(method: str, field: str, fmt: str) -> str:
+            def cell(method: str, field: str, fmt: str, runs: list = runs, scale: int = scale) -> str:
                 picked = [r for r in runs if r["scale"] == scale and (r["method"] == method or (scale == 1 and method == "AS"))]
                 if not picked or (scale == 1 and method != "AS"):
                     return ""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -131,11 +130,10 @@ def build_model(model_args: ModelArguments, vocab_size: int, block_size: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from _common import finish_run  # recipes/ is on sys.path when a recipe runs
     from transformers import HfArgumentParser, Trainer, TrainingArguments, default_data_collator, set_seed
 
     from adascale_shard.integrations.hf import AdaScaleArguments
-
-    from _common import finish_run  # recipes/ is on sys.path when a recipe runs
 
     parser = HfArgumentParser((ModelArguments, DataArguments, AdaScaleArguments, TrainingArguments))
     model_args, data_args, ada_args, training_args = parser.parse_args_into_dataclasses(args=argv)

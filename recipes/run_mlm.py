@@ -198,6 +198,7 @@ def build_model(model_args: ModelArguments):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from _common import finish_run  # recipes/ is on sys.path when a recipe runs
     from transformers import (
         AutoTokenizer,
         DataCollatorForLanguageModeling,
@@ -209,8 +210,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     from adascale_shard.integrations.hf import AdaScaleArguments
-
-    from _common import finish_run  # recipes/ is on sys.path when a recipe runs
 
     parser = HfArgumentParser((ModelArguments, DataArguments, AdaScaleArguments, TrainingArguments))
     model_args, data_args, ada_args, training_args = parser.parse_args_into_dataclasses(args=argv)
