@@ -56,6 +56,8 @@ def main() -> None:
             "log_history": trainer.state.log_history,
             "argv": sys.argv,
         }
+        if args.hf_deepspeed_config is not None:  # the JSON with the Trainer's "auto" values filled in
+            result["deepspeed_scheduler"] = args.hf_deepspeed_config.config.get("scheduler")
         Path(args.output_dir, "result.json").write_text(json.dumps(result, indent=1))
         print(f"trained {trainer.state.global_step} updates; optimizers {names}")
 
