@@ -24,6 +24,7 @@ __all__ = [
     "queue_callback",
     "foreach_norm",
     "is_dtensor",
+    "is_fsdp_module",
     "local_shard",
     "fsdp_state",
     "fsdp_param_groups",
@@ -86,6 +87,14 @@ def is_dtensor(tensor: Any) -> bool:
     it was never imported, no DTensor can exist)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
+
+
+def is_fsdp_module(module: Any) -> bool:
+    """True for a module that ``fully_shard`` was applied to (``torch.distributed.fsdp.FSDPModule``,
+    public), without importing FSDP (if it was never imported, no such module can exist)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FSDPModule", None)
+    return cls is not None and isinstance(module, cls)
 
 
 def local_shard(grad: torch.Tensor) -> torch.Tensor:

@@ -206,6 +206,10 @@ class AdaScale(torch.optim.Optimizer):
             )
         self._estimator = Estimator(len(self.optimizer.param_groups), min_relative_var)
         self._estimator.scale = float(scale) if scale is not None else 1.0
+        # FSDP2: attach at the first forward of the sharded model unless attach() comes first.
+        from .engines.fsdp2 import AutoAttach
+
+        self._auto_attach: AutoAttach | None = AutoAttach(self)
 
     def _new_capture(self) -> MicroGradCapture:
         capture = MicroGradCapture(
@@ -248,19 +252,29 @@ class AdaScale(torch.optim.Optimizer):
     def attach(self, model: torch.nn.Module) -> Any:
         """FSDP2: hook the statistics into ``model``, a module tree ``fully_shard`` was applied to.
 
-        Required on FSDP2 (not for one process, DDP or DeepSpeed): FSDP2 computes gradients on
-        unsharded copies of the parameters, which exist only while a ``fully_shard`` module runs.
-        Call it once, after ``fully_shard`` (or ``accelerator.prepare``) and before the first
-        forward. It registers a forward pre-hook on each ``fully_shard`` module; each time such a
+        Optional: AdaScale does this by itself when the first ``fully_shard`` module holding its
+        parameters runs forward (FSDP2's root), also after ``accelerator.prepare`` swapped its
+        parameters for the sharded ones. FSDP2 computes gradients on unsharded copies of the
+        parameters, which exist only while a ``fully_shard`` module runs, hence the hooks. Call it
+        to attach a given model explicitly, once, after ``fully_shard`` (or
+        ``accelerator.prepare``) and before the first forward; the automatic attach then does
+        nothing. It registers a forward pre-hook on each ``fully_shard`` module; each time such a
         module runs, the hook puts a gradient hook on any of its unsharded parameters not yet
         hooked, so the hooks attach during the first forward and survive a later swap of the
         optimizer's parameters. A ``step()`` that finds FSDP2 gradients but no recorded backward
-        pass (``attach`` never called) raises ``RuntimeError``. Returns the hooks' handle
-        (``.remove()``); see :mod:`adascale_shard.engines.fsdp2`.
+        pass (no forward of the sharded model since AdaScale was built) raises ``RuntimeError``.
+        Returns the hooks' handle (``.remove()``); see :mod:`adascale_shard.engines.fsdp2`.
         """
         from .engines.fsdp2 import attach
 
         return attach(self, model)
+
+    def _stop_auto_attach(self) -> None:
+        """No attach at the first forward of an FSDP2 model any more: attached, another engine
+        installed, or an update consumed backward passes."""
+        if self._auto_attach is not None:
+            self._auto_attach.remove()
+            self._auto_attach = None
 
     def attach_grad_scaler(self, scaler: Any) -> None:
         """Read the loss scale of a ``torch.amp.GradScaler`` that scales this optimizer's losses.
@@ -338,6 +352,7 @@ class AdaScale(torch.optim.Optimizer):
         new_update = self._capture.passes > 0
         if new_update:
             self._seen_backward = True
+            self._stop_auto_attach()
             self._update_statistics()
         elif not self._seen_backward:
             self._engine.check_hooks_fired(self.param_groups)  # gradients, but no recorded pass
@@ -357,6 +372,7 @@ class AdaScale(torch.optim.Optimizer):
                 group["lr"] = lr
                 if weight_decay is not None:
                     group["weight_decay"] = weight_decay
+        self._applied = ([lr for lr, _ in saved], factor)
         if new_update:
             self._estimator.advance()
         return loss
@@ -372,7 +388,6 @@ class AdaScale(torch.optim.Optimizer):
         ranks = world_size(self.process_group)
         # The probe norms that recover a clip since the last pass are local: read beside the sums.
         if engine.grad_sqr_is_part(capture):
-        self._applied = ([lr for lr, _ in saved], factor)
             # This rank measures its part of ||G||^2 (its shard, or its share of the tensors of a
             # replicated gradient: each rank reads 1/ranks of G): summed with the rest.
             grad_sqr, probes = engine.take_grad_sqr(capture)
@@ -445,6 +460,7 @@ class AdaScale(torch.optim.Optimizer):
                 "AdaScale's engine can only be replaced before the first backward pass: "
                 "initialise the engine before training" + see("engine-replaced-after-backward")
             )
+        self._stop_auto_attach()
         self._engine = engine
         if new_capture:
             self._capture.detach()

@@ -13,8 +13,9 @@ Accelerate config it is launched with (from the repository root)::
 How AdaScale meets Accelerate here:
 
 * DDP and FSDP2: the Python API, ``AdaScale(torch.optim.SGD(...))`` passed to
-  ``accelerator.prepare``; on FSDP2 ``adascale.attach(model)`` right after ``prepare`` (Accelerate
-  swaps the optimizer's parameters for the sharded ones there).
+  ``accelerator.prepare``. Nothing more on FSDP2: Accelerate swaps the optimizer's parameters for
+  the sharded ones in ``prepare``, and AdaScale attaches itself to the sharded model at its first
+  forward (``adascale.attach(model)`` after ``prepare`` would do the same explicitly).
 * DeepSpeed: Accelerate's ``DummyOptim``; the JSON's ``"optimizer": {"type": "AdaScale"}`` block
   builds AdaScale inside ``deepspeed.initialize`` (``import adascale_shard`` registers the type).
 * ``unwrap`` gets the AdaScale instance behind whatever ``prepare`` returned; the schedule
@@ -60,8 +61,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 import adascale_shard  # noqa: F401  registers "type": "AdaScale" with DeepSpeed: before prepare
-from adascale_shard import AdaScale, follow_tau
-from adascale_shard import unwrap
+from adascale_shard import AdaScale, follow_tau, unwrap
 from adascale_shard.integrations.accelerate import AdaScaleCheckpoint
 
 ENGINES_HELP = "ddp, fsdp2, zero2, zero3 (from the Accelerate config), fsdp2 with --manual_fsdp2"
@@ -371,9 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum), scale=args.scale
         )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    adascale = unwrap(optimizer)
-    if engine == "fsdp2":
-        adascale.attach(model)  # after prepare: hooks the unsharded parameters FSDP2 computes on
+    adascale = unwrap(optimizer)  # on FSDP2 it attaches itself to the sharded model at the first forward
     scheduler = follow_tau(torch.optim.lr_scheduler.LambdaLR(adascale, base_schedule(args)), adascale)
     if not args.manual_fsdp2:
         accelerator.register_for_checkpointing(AdaScaleCheckpoint(adascale), scheduler)

@@ -65,6 +65,7 @@ __all__ = [
     "run_distributed",
     "run_cases",
     "cases_worker",
+    "error_of",
     "classify",
     "Outcome",
     "TeardownWarning",
@@ -540,3 +541,13 @@ def run_cases(
     if len(set(names)) != len(names):
         raise ValueError(f"run_cases: case names must be unique, got {names}")
     return run_distributed(cases_worker, world_size, args=(normalised,), **kwargs)
+
+
+def error_of(fn: Callable[[], Any]) -> str | None:
+    """``"<Type>: <message>"`` of what ``fn()`` raises, or ``None``: for a case that records an
+    error on every rank instead of failing the launch."""
+    try:
+        fn()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None

@@ -17,8 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Engine", "NO_BACKWARD_RECORDED", "ATTACH_FIX", "grad_sqr_norms"]
 
 ATTACH_FIX = (
-    "call opt.attach(model) once, after fully_shard(...) (or accelerator.prepare(...)) and before "
-    "the first forward"
+    "build AdaScale before the first forward and compute the gradients with forward and backward "
+    "through the sharded model, or call opt.attach(model) once, after fully_shard(...) (or "
+    "accelerator.prepare(...)) and before the first forward"
 )
 
 NO_BACKWARD_RECORDED = (
@@ -89,8 +90,10 @@ class Engine:
         if dtensor:
             return (
                 "AdaScale: the FSDP2 (DTensor) parameters have gradients but no backward pass was "
-                "recorded, because the hooks were never attached; the gain would silently stay 1. Fix: "
-                f"{ATTACH_FIX}" + see("fsdp2-hooks-never-attached")
+                "recorded, because the hooks were never attached: AdaScale attaches itself when a "
+                "fully_shard module holding its parameters runs forward, and none did since it was "
+                "built (the forward ran before, or the gradients were written without backward()); "
+                f"the gain would silently stay 1. Fix: {ATTACH_FIX}" + see("fsdp2-hooks-never-attached")
             )
         return NO_BACKWARD_RECORDED
 

@@ -18,13 +18,26 @@ Where the two squared norms come from:
   (:class:`FSDP2Engine`); they are taken when the last backward pass ends,
   so ``clip_grad_norm_`` between backward and ``step()`` does not change them.
 
-When the hooks attach: :func:`attach` (called by :meth:`AdaScale.attach`) registers a forward
-pre-hook on every module that ``fully_shard`` was applied to. It runs after FSDP2's own pre-hook
-(FSDP2 prepends its hook), when the unsharded parameters exist, and hooks each unsharded parameter
-the first time it is seen (FSDP2 re-uses the same tensor for every all-gather, with
-``reshard_after_forward`` True or False; a re-created one would be hooked on its next forward).
-The optimizer's ``param_groups`` are re-read whenever they change, so a later swap of the
-optimizer's parameters (Accelerate's ``prepare``) is followed.
+When the hooks attach: :func:`attach` registers a forward pre-hook on every module that
+``fully_shard`` was applied to. It runs after FSDP2's own pre-hook (FSDP2 prepends its hook), when
+the unsharded parameters exist, and hooks each unsharded parameter the first time it is seen
+(FSDP2 re-uses the same tensor for every all-gather, with ``reshard_after_forward`` True or False;
+a re-created one would be hooked on its next forward). The optimizer's ``param_groups`` are
+re-read whenever they change, so a later swap of the optimizer's parameters (Accelerate's
+``prepare``) is followed.
+
+Who calls :func:`attach`: :meth:`AdaScale.attach` (explicit, optional), or :class:`AutoAttach`,
+which every AdaScale holds until it is attached, an engine integration installs its own engine,
+or its first update consumes backward passes. ``AutoAttach`` is a global module forward pre-hook
+(``register_module_forward_pre_hook``, holding the optimizer through a weak reference); global
+pre-hooks run before a module's own, so the first ``fully_shard`` module to run forward is FSDP2's
+root before FSDP2 itself has seen it. When that module's sharded parameters include the
+optimizer's (as they are then: a swap before the first forward is followed), it calls
+:func:`attach` on it, which refuses, as an explicit call does, a module that does not hold all of
+them (a submodule run first). The pre-hooks it registers there wait for the next call of the
+module already running, so that module's unsharded parameters are hooked by a one-shot forward
+hook when its forward ends, before any backward pass: the same hooks as an explicit
+:func:`attach`, the same statistics.
 
 Limits: 1-D meshes only (no HSDP, no FSDP2 + tensor parallelism), and every trainable parameter
 of the optimizer must be sharded by ``fully_shard`` (wrap the root module too).
@@ -51,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .._compat import fsdp_mesh_info_classes, fsdp_param_groups, fsdp_state, is_dtensor
+from .._compat import fsdp_mesh_info_classes, fsdp_param_groups, fsdp_state, is_dtensor, is_fsdp_module
 from .._docs import see
 from .base import Engine, grad_sqr_norms
 
@@ -59,10 +72,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..capture import MicroGradCapture
     from ..optimizer import AdaScale
 
-__all__ = ["FSDP2Engine", "attach", "FSDP2Hooks", "check_not_mixed"]
+__all__ = ["FSDP2Engine", "attach", "AutoAttach", "FSDP2Hooks", "check_not_mixed"]
 
 logger = logging.getLogger(__name__)
-
 
 
 def check_not_mixed(param_groups: Sequence[dict[str, Any]]) -> None:
@@ -107,10 +119,11 @@ class FSDP2Engine(Engine):
         if self.hooks is None or not dtensor:
             return super()._unrecorded_message(dtensor)
         return (
-            "AdaScale: the FSDP2 (DTensor) parameters have gradients but the hooks attached by "
-            "attach(model) never fired: the model given to attach() is not the one that ran forward "
-            "and backward, or its gradients were computed without backward(). Attach the model you "
-            "train" + see("fsdp2-hooks-never-fired")
+            "AdaScale: the FSDP2 (DTensor) parameters have gradients but the hooks attached to the "
+            "fully_shard model (at its first forward, or by attach(model)) never fired: the model "
+            "attached is not the one that ran forward and backward, or its gradients were computed "
+            "without backward(). Attach the model you train (opt.attach(model)), and compute the "
+            "gradients with backward()" + see("fsdp2-hooks-never-fired")
         )
 
 
@@ -173,7 +186,7 @@ class FSDP2Hooks:
         self._states = list(states)
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._group_of: dict[int, int] = {}
-        self._signature: tuple[tuple[int, int], ...] = ()
+        self._signature: tuple[tuple[int, int, int], ...] = ()
         self._sync_groups(optimizer)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for state in self._states:
@@ -188,7 +201,7 @@ class FSDP2Hooks:
     def _sync_groups(self, optimizer: AdaScale) -> None:
         """Follow the optimizer's ``param_groups`` (a swap of its parameters, a new group)."""
         groups = optimizer.param_groups
-        signature = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        signature = _groups_signature(groups)
         if signature == self._signature:
             return
         capture = optimizer._capture
@@ -232,6 +245,20 @@ class FSDP2Hooks:
                     unsharded, index, owner=fsdp_param.sharded_param
                 )
 
+    def hook_when_forward_ends(self, module: nn.Module) -> None:
+        """For the module whose forward runs now: a pre-hook registered while its pre-hooks run
+        waits for its next call, so hook its unsharded parameters once, when this forward ends
+        (they exist then; the backward pass that uses them comes later)."""
+        state = fsdp_state(module)
+
+        def post_forward(module: nn.Module, args: Any, output: Any) -> None:
+            handle.remove()
+            optimizer = self._optimizer_ref()
+            if optimizer is not None and self._handles:  # not removed in the meantime
+                self._hook_unsharded(state, optimizer)
+
+        handle = module.register_forward_hook(post_forward)
+
     @property
     def num_hooked(self) -> int:
         """Unsharded parameters hooked so far."""
@@ -247,7 +274,23 @@ class FSDP2Hooks:
         self._hooked.clear()
 
 
-def _check_attachable(optimizer: AdaScale, model: nn.Module, states: Sequence[Any]) -> None:
+def _groups_signature(groups: Sequence[dict[str, Any]]) -> tuple[tuple[int, int, int], ...]:
+    """What changes when an optimizer's parameters are swapped or a group is added (a new list,
+    another length, or another first parameter in the same list)."""
+    return tuple((id(g["params"]), len(g["params"]), id(g["params"][0]) if g["params"] else 0) for g in groups)
+
+
+def _sharded_ids(states: Sequence[Any]) -> set[int]:
+    """The ids of the sharded (DTensor) parameters of FSDP2 ``states``."""
+    return {
+        id(fsdp_param.sharded_param)
+        for state in states
+        for param_group in fsdp_param_groups(state)
+        for fsdp_param in param_group.fsdp_params
+    }
+
+
+def _check_attachable(optimizer: AdaScale, model: nn.Module, states: Sequence[Any], at_forward: bool = False) -> None:
     """Every check of :func:`attach`, before anything is changed."""
     from ..distributed import world_size
 
@@ -267,18 +310,22 @@ def _check_attachable(optimizer: AdaScale, model: nn.Module, states: Sequence[An
     for state in states:
         for param_group in fsdp_param_groups(state):
             _check_group(param_group, ranks)
-    sharded = {
-        id(fsdp_param.sharded_param)
-        for state in states
-        for param_group in fsdp_param_groups(state)
-        for fsdp_param in param_group.fsdp_params
-    }
+    sharded = _sharded_ids(states)
     foreign = [
         tuple(p.shape)
         for g in optimizer.param_groups
         for p in g["params"]
         if p.requires_grad and id(p) not in sharded
     ]
+    if foreign and at_forward:
+        raise ValueError(
+            f"AdaScale could not attach itself at the first forward of {type(model).__name__}, the "
+            f"first fully_shard module holding its parameters to run: {len(foreign)} of the "
+            f"optimizer's parameters (shapes {foreign[:4]}) are not the sharded parameters of the "
+            "fully_shard modules under it. Run the first forward through the model the optimizer "
+            "was built from (its root module, not a submodule), or call opt.attach(model) with "
+            "that model before the first forward" + see("attach-with-foreign-parameters")
+        )
     if foreign:
         raise ValueError(
             f"AdaScale.attach: {len(foreign)} of the optimizer's parameters (shapes "
@@ -288,14 +335,15 @@ def _check_attachable(optimizer: AdaScale, model: nn.Module, states: Sequence[An
         )
 
 
-def attach(optimizer: AdaScale, model: nn.Module) -> FSDP2Hooks:
+def attach(optimizer: AdaScale, model: nn.Module, *, at_forward: bool = False) -> FSDP2Hooks:
     """Hook ``optimizer``'s statistics into the FSDP2-sharded ``model`` (see the module docstring).
 
     Installs the FSDP2 engine (with a new capture) if the optimizer was built on plain parameters
     (before ``fully_shard``, its parameters swapped afterwards); the smoothed statistics are kept.
+    ``at_forward``: called by :class:`AutoAttach` while ``model``'s forward pre-hooks run.
     """
     states = _fsdp_states(model)
-    _check_attachable(optimizer, model, states)
+    _check_attachable(optimizer, model, states, at_forward)
     engine = optimizer._engine
     if isinstance(engine, FSDP2Engine):
         if engine.hooks is not None:
@@ -305,4 +353,52 @@ def attach(optimizer: AdaScale, model: nn.Module) -> FSDP2Hooks:
         engine = FSDP2Engine()
         optimizer._install_engine(engine, new_capture=True)  # the plain parameters' hooks go dead
     engine.hooks = FSDP2Hooks(optimizer, states)
+    optimizer._stop_auto_attach()
+    if at_forward:
+        engine.hooks.hook_when_forward_ends(model)
     return engine.hooks
+
+
+class AutoAttach:
+    """Calls :func:`attach` at the first forward of the ``fully_shard`` module that holds the
+    optimizer's parameters (see the module docstring); :meth:`remove` stops it, and so does the
+    optimizer's death.
+
+    One global module forward pre-hook per waiting optimizer. Modules that are not ``fully_shard``
+    modules cost one check per call; a ``fully_shard`` module holding none of the optimizer's
+    parameters is looked at once per state of the optimizer's parameter list (a swap makes it
+    look again).
+    """
+
+    def __init__(self, optimizer: AdaScale) -> None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        self._optimizer_ref = weakref.ref(optimizer)
+        self._passed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> signature
+        self._handle = register_module_forward_pre_hook(self._pre_forward)
+        self._finalizer = weakref.finalize(optimizer, self._handle.remove)
+
+    @property
+    def active(self) -> bool:
+        """Whether the global hook is still registered."""
+        return self._finalizer.alive
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._finalizer.detach()
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or not is_fsdp_module(module):
+            return
+        optimizer = self._optimizer_ref()
+        if optimizer is None:
+            return
+        groups = optimizer.param_groups
+        signature = _groups_signature(groups)
+        if self._passed.get(module) == signature:
+            return
+        sharded = _sharded_ids(_fsdp_states(module))
+        if not any(id(p) in sharded for g in groups for p in g["params"]):
+            self._passed[module] = signature  # another model's, or not swapped in (yet)
+            return
+        attach(optimizer, module, at_forward=True)  # removes this hook

@@ -1,5 +1,8 @@
 """``recipes/accelerate_loop.py`` under real launches: Accelerate's DDP and DeepSpeed ZeRO-2/3 on 2
-gloo processes, and FSDP2 through the recipe's documented torchrun fallback.
+gloo processes, and FSDP2 through the recipe's documented torchrun fallback. The recipe calls no
+``attach`` on FSDP2 (AdaScale attaches itself at the first forward, also after the resumed
+launch's DCP load); its plain-PyTorch path calls ``attach`` explicitly, so the FSDP2 gains compare
+the two.
 
 For each engine, one launch trains a tiny GPT-2 to the budget and saves the state at update
 ``RESUME_AT``; a second, fresh launch resumes from that checkpoint and runs to the end. Rank 0 of
@@ -14,6 +17,7 @@ FSDP on this CPU-only machine (the recipe stops with its error). About 2 minutes
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import json
@@ -350,6 +354,19 @@ def test_gains_equal_the_plain_pytorch_path(runs, engine):
     )
     torch.testing.assert_close([r["tau"] for r in got], plain["tau"], rtol=GAIN_RTOL, atol=GAIN_ATOL, check_dtype=False)
     assert runs["plain_rank1"][engine]["gain"] == plain["gain"]  # both plain ranks agree
+
+
+def attach_calls(path: Path) -> int:
+    return sum(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "attach"
+        for node in ast.walk(ast.parse(path.read_text()))
+    )
+
+
+def test_the_recipe_leaves_fsdp2_to_attach_itself():
+    """What makes the FSDP2 rows above compare the automatic attach with the explicit one."""
+    assert attach_calls(RECIPE) == 0
+    assert attach_calls(Path(__file__)) == 1  # the plain path's explicit attach
 
 
 @pytest.mark.parametrize("engine", PARAMS)

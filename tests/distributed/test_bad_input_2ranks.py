@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adascale_shard import AdaScale
-from tests.harness import Case, run_cases
+from tests.harness import Case, error_of, run_cases
 
 pytestmark = pytest.mark.distributed
 
@@ -39,14 +39,6 @@ class MLP(nn.Module):
 def model() -> MLP:
     torch.manual_seed(0)
     return MLP()
-
-
-def error_of(fn) -> str | None:
-    try:
-        fn()
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return None
 
 
 def uneven_passes(rank: int, world: int) -> dict:

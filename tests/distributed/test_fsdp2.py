@@ -5,7 +5,8 @@ momentum 0.9) for 6 updates:
 
 * reference: one process, no process group, N accumulation steps (loss / N), plain AdaScale;
 * FSDP2: 2 ranks, K = N / 2 micro-batches each (loss / K; FSDP2 averages over the 2 ranks), with
-  ``opt.attach(model)``, in the modes of ``FSDP_CASES`` (name = layout): N in {2, 4, 8}
+  ``opt.attach(model)`` or, in the ``auto-attach`` cases, without it (AdaScale attaches itself at
+  the first forward), in the modes of ``FSDP_CASES`` (name = layout): N in {2, 4, 8}
   (accumulation 1, 2, 4 per rank), ``set_requires_gradient_sync(False)`` on the non-final
   micro-steps or a reduce-scatter after every backward, nested ``fully_shard`` units or only the
   root, ``reshard_after_forward`` True / False, an optimizer built before ``fully_shard`` whose
@@ -15,8 +16,10 @@ momentum 0.9) for 6 updates:
 Gain, tau, var, sqr and the full gathered parameters (``p.full_tensor()``) must equal the
 reference at every update. Also checked here: the order of FSDP2's final backward callback and
 AdaScale's ``||G||^2`` snapshot; a ``torch.distributed.checkpoint`` save mid-run, loaded into a
-fresh process group, continues bit for bit like the uninterrupted run; the error of an update
-whose hooks never fired; and the collectives AdaScale adds per update.
+fresh process group, continues bit for bit like the uninterrupted run; that an auto-attach run
+equals its explicit-attach twin; what the automatic attach does with a submodule run first and
+with another model's forward; the error of an update whose hooks never fired; and the
+collectives AdaScale adds per update.
 
 Two launches in all (one for every case, one for the resume). ``pytest -s`` prints the
 difference table.
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adascale_shard import AdaScale
-from tests.harness import Case, run_cases
+from tests.harness import Case, error_of, run_cases
 
 pytestmark = pytest.mark.distributed
 
@@ -217,6 +220,14 @@ def shard(model: nn.Module, *, nested: bool, reshard: bool, bf16: bool) -> None:
     fully_shard(model, reshard_after_forward=reshard, mp_policy=mp)
 
 
+def swap_in(opt: AdaScale, model: nn.Module, names: dict[int, str]) -> None:
+    """Replace the optimizer's parameters by the model's current ones of the same name (``names``:
+    id of the old parameter -> name), as Accelerate's ``prepare`` does after sharding."""
+    new = dict(model.named_parameters())
+    for group in opt.param_groups:
+        group["params"] = [new[names[id(p)]] for p in group["params"]]
+
+
 def build_fsdp(
     kind: str, *, nested: bool = True, reshard: bool = True, bf16: bool = False, swap: bool = False
 ) -> tuple[nn.Module, AdaScale]:
@@ -227,9 +238,7 @@ def build_fsdp(
         opt = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
         names = {id(p): name for name, p in model.named_parameters()}
         shard(model, nested=nested, reshard=reshard, bf16=bf16)
-        new = dict(model.named_parameters())
-        for group in opt.param_groups:
-            group["params"] = [new[names[id(p)]] for p in group["params"]]
+        swap_in(opt, model, names)
     else:
         shard(model, nested=nested, reshard=reshard, bf16=bf16)
         opt = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
@@ -270,8 +279,10 @@ def fsdp_case(rank: int, world_size: int, opts: dict) -> dict:
     no_sync = opts.pop("no_sync")
     bug = opts.pop("bug", False)
     clip = opts.pop("clip", None)
+    explicit = opts.pop("attach")
     model, opt = build_fsdp(kind, **opts)
-    opt.attach(model)
+    if explicit:
+        opt.attach(model)
     if bug:
         opt._engine.grad_sqr_is_part = lambda capture: False  # a deliberate bug (shards not summed), to size the tolerance against
     out: dict = {"world_size": dist.get_world_size()}
@@ -279,6 +290,7 @@ def fsdp_case(rank: int, world_size: int, opts: dict) -> dict:
     run_updates(rank, world_size, kind, count, model, opt, range(UPDATES), no_sync=no_sync, out=out, clip=clip)
     out["seconds"] = time.perf_counter() - start
     out["hooked"] = opt._engine.hooks.num_hooked
+    out["still_waiting_to_attach"] = opt._auto_attach is not None
     return out
 
 
@@ -325,25 +337,50 @@ def order_case(rank: int, world_size: int) -> dict:
 
 
 def never_fired_case(rank: int, world_size: int) -> dict:
-    """An update whose hooks never fired raises; a zero-gradient step() (DCP's) does not."""
+    """Without attach(), an update trains: AdaScale attaches itself at the first forward, built
+    after fully_shard or swapped in before it (after a zero-gradient step(), DCP's, which neither
+    raises nor advances tau). The hooks genuinely never fire, and step() raises, when the forward
+    ran before AdaScale was built (or before its parameters were swapped in), or when the
+    gradients were written by hand; the next window of the first kind trains."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    errors = {}
+    errors: dict = {}
+    batch = micro_batches("mlp", 0, 2)[rank]
     for swap in (False, True):
         model, opt = build_fsdp("mlp", swap=swap)
-        batch = micro_batches("mlp", 0, 2)[rank]
         if swap:
             # DCP's optimizer-state init: step() with zero gradients, before any backward.
             get_optimizer_state_dict(model, opt)
             errors["dcp_init_tau"] = opt.tau
             errors["dcp_init_updates"] = opt.stats()["updates"]
         loss_fn("mlp", model, batch).backward()
-        try:
-            opt.step()
-            errors[f"swap={swap}"] = None
-        except RuntimeError as err:
-            errors[f"swap={swap}"] = str(err)
-        errors[f"tau_after swap={swap}"] = opt.tau
+        errors[f"no attach swap={swap}"] = error_of(opt.step)
+        errors[f"no attach tau swap={swap}"] = opt.tau
+        # The forward ran before AdaScale was built / before its parameters were swapped in.
+        model = build_model("mlp")
+        if swap:
+            opt = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+            names = {id(p): name for name, p in model.named_parameters()}
+            shard(model, nested=True, reshard=True, bf16=False)
+            loss = loss_fn("mlp", model, batch)  # the sharded model holds none of opt's parameters yet
+            swap_in(opt, model, names)
+        else:
+            shard(model, nested=True, reshard=True, bf16=False)
+            loss = loss_fn("mlp", model, batch)
+            opt = AdaScale(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+        loss.backward()
+        errors[f"forward first swap={swap}"] = error_of(opt.step)
+        errors[f"forward first tau swap={swap}"] = opt.tau
+        opt.zero_grad()
+        loss_fn("mlp", model, batch).backward()  # this forward attaches
+        errors[f"next window swap={swap}"] = error_of(opt.step)
+        errors[f"next window tau swap={swap}"] = opt.tau
+        # Gradients written by hand: no forward, no backward.
+        model, opt = build_fsdp("mlp", swap=swap)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        errors[f"by hand swap={swap}"] = error_of(opt.step)
+        errors[f"by hand tau swap={swap}"] = opt.tau
     # attach() on a model without fully_shard, and on an optimizer of another model.
     plain = build_model("mlp")
     try:
@@ -363,6 +400,46 @@ def never_fired_case(rank: int, world_size: int) -> dict:
     except ValueError as err:
         errors["divide_factor"] = str(err)
     return errors
+
+
+def auto_attach_case(rank: int, world_size: int) -> dict:
+    """The automatic attach: a submodule run first is refused with attach()'s error and the root's
+    forward then attaches; another model's forward is passed over; the global hook goes when the
+    optimizer is attached (explicitly or not) or dies."""
+    import gc
+
+    from torch.nn.modules.module import _global_forward_pre_hooks
+
+    out: dict = {}
+    x, y = micro_batches("mlp", 0, 2)[rank]
+    model, opt = build_fsdp("mlp")
+    out["submodule first"] = error_of(lambda: model.fc1(x))
+    out["submodule first waiting"] = opt._auto_attach is not None
+    (F.mse_loss(model(x), y)).backward()
+    out["submodule first then root"] = error_of(opt.step)
+    out["submodule first then root: tau, hooked"] = (opt.tau, opt._engine.hooks.num_hooked)
+    # Model A runs first; B's optimizer must not take it, and attaches at B's forward.
+    model_a, opt_a = build_fsdp("mlp")
+    model_b, opt_b = build_fsdp("mlp")
+    opt_a.attach(model_a)
+    out["explicit attach: waiting"] = opt_a._auto_attach is not None
+    with torch.no_grad():
+        model_a(x)
+    out["other model first: b waiting"] = opt_b._auto_attach is not None
+    F.mse_loss(model_b(x), y).backward()
+    out["other model first: b waiting after its forward"] = opt_b._auto_attach is not None
+    out["other model first"] = error_of(opt_b.step)
+    out["other model first: tau, hooked"] = (opt_b.tau, opt_b._engine.hooks.num_hooked)
+    out["other model first: a's capture untouched"] = opt_a._capture.passes == 0 and opt_a.tau == 0.0
+    # An optimizer that dies unattached takes its global hook with it.
+    gc.collect()
+    before = len(_global_forward_pre_hooks)
+    model, opt = build_fsdp("mlp")
+    with_one = len(_global_forward_pre_hooks)
+    del opt
+    gc.collect()
+    out["global hooks: before, with one, after its death"] = (before, with_one, len(_global_forward_pre_hooks))
+    return out
 
 
 def _dist_all_reduce_spy(calls: list):
@@ -449,9 +526,9 @@ def resume_case(rank: int, world_size: int, path: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Cases and launches.
 # ---------------------------------------------------------------------------------------------
-def case(model="mlp", n=8, no_sync=True, nested=True, reshard=True, bf16=False, swap=False) -> dict:
+def case(model="mlp", n=8, no_sync=True, nested=True, reshard=True, bf16=False, swap=False, attach=True) -> dict:
     return {"model": model, "micro_batches": n, "no_sync": no_sync, "nested": nested, "reshard": reshard,
-            "bf16": bf16, "swap": swap}
+            "bf16": bf16, "swap": swap, "attach": attach}
 
 
 FSDP_CASES = {
@@ -472,7 +549,14 @@ FSDP_CASES = {
     "gpt N=2 acc=1 nested reshard": case(model="gpt", n=2, no_sync=False),
     "mlp N=8 acc=4 no_sync nested reshard bf16": case(bf16=True),
     "gpt N=4 acc=2 no_sync nested reshard bf16": case(model="gpt", n=4, bf16=True),
+    # No attach() call: AdaScale attaches itself at the first forward (the root's own parameters
+    # are hooked when that forward ends). Each has an explicit-attach twin above (AUTO_TWINS).
+    "mlp N=8 acc=4 no_sync nested reshard auto-attach": case(attach=False),
+    "mlp N=8 acc=4 no_sync nested reshard accelerate-swap auto-attach": case(swap=True, attach=False),
+    "mlp N=8 acc=4 sync root-only keep auto-attach": case(no_sync=False, nested=False, reshard=False, attach=False),
+    "gpt N=4 acc=2 no_sync nested reshard auto-attach": case(model="gpt", n=4, attach=False),
 }
+AUTO_TWINS = {name: name.removesuffix(" auto-attach") for name in FSDP_CASES if name.endswith(" auto-attach")}
 
 
 @pytest.fixture(scope="module")
@@ -484,6 +568,7 @@ def runs(tmp_path_factory):
     cases += [
         Case("order", order_case),
         Case("never_fired", never_fired_case),
+        Case("auto_attach", auto_attach_case),
         Case("collectives", collectives_case),
         Case("checkpoint", checkpoint_case, (path,)),
         Case("bug: shards not summed", fsdp_case, ({**case(), "bug": True},)),
@@ -540,7 +625,7 @@ def tolerance_use(name: str, run: dict, ref: dict) -> dict[str, float]:
 def test_difference_table(runs):
     """Mode x accumulation: the largest differences to the single-process reference (printed with
     ``-s``), every one within the tolerance of its per-case test, for every case and update."""
-    lines = [f"{'case':58s} {'|gain diff|':>12s} {'|tau diff|':>12s} {'|param diff|':>12s} {'/bound':>7s}  gains"]
+    lines = [f"{'case':66s} {'|gain diff|':>12s} {'|tau diff|':>12s} {'|param diff|':>12s} {'/bound':>7s}  gains"]
     out_of_tolerance = []
     for name in FSDP_CASES:
         run, ref = runs["ranks"][0][name], reference_for(runs, name)
@@ -552,7 +637,7 @@ def test_difference_table(runs):
         if not worst <= 1.0:  # also catches NaN
             out_of_tolerance.append(f"{name}: {use}")
         gains = ", ".join(f"{g:.3f}" for g in run["gain"][:3])
-        lines.append(f"{name:58s} {d['gain']:12.3g} {d['tau']:12.3g} {d['param']:12.3g} {worst:7.3f}  {gains}, ...")
+        lines.append(f"{name:66s} {d['gain']:12.3g} {d['tau']:12.3g} {d['param']:12.3g} {worst:7.3f}  {gains}, ...")
     table = "\n".join(lines)
     print("\n[fsdp2] largest difference to the single-process reference over 6 updates (fp32 bound: "
           f"rtol {RTOL:g} / atol {ATOL:g}; bf16: gain/tau rtol {BF16_GAIN_RTOL:g}, params atol {BF16_PARAM_ATOL:g}; "
@@ -603,6 +688,50 @@ def test_every_trainable_parameter_was_hooked(runs):
     for name, opts in FSDP_CASES.items():
         expected = len(list(build_model(opts["model"]).parameters()))  # the tied weight once
         assert runs["ranks"][0][name]["hooked"] == expected, name
+        assert runs["ranks"][0][name]["still_waiting_to_attach"] is False, name  # the global hook is gone
+
+
+def test_auto_attach_equals_explicit_attach(runs):
+    """No attach() call (AdaScale attaches itself at the first forward) gives the statistics and
+    parameters of the explicit-attach run of the same case, update by update, within the
+    tolerance of the reference tests: built after fully_shard, swapped in (Accelerate's order),
+    root-only (every parameter is the root's, hooked when the first forward ends), tied GPT."""
+    lines = []
+    for auto, explicit in AUTO_TWINS.items():
+        for rank in (0, 1):
+            run, twin = runs["ranks"][rank][auto], runs["ranks"][rank][explicit]
+            for key in ("gain", "tau", "var", "sqr", "N", "updates"):
+                assert len(run[key]) == len(twin[key]) == UPDATES, (auto, key)
+                for update, (p, q) in enumerate(zip(run[key], twin[key])):
+                    assert math.isclose(p, q, rel_tol=RTOL, abs_tol=ATOL), f"{auto}: {key}, update {update}: {p} vs {q}"
+            for update, (p, q) in enumerate(zip(run["params"], twin["params"])):
+                torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m: f"{auto}, update {update}: {m}")
+        d = diffs(runs["ranks"][0][auto], runs["ranks"][0][explicit])
+        lines.append(f"{auto:66s} {d['gain']:10.3g} {d['tau']:10.3g} {d['param']:10.3g}")
+    assert len(lines) == 4
+    print("\n[fsdp2] auto-attach vs explicit attach, largest |diff| of gain, tau, parameters:\n" + "\n".join(lines))
+
+
+def test_auto_attach_submodule_first_other_model_first_and_lifetime(runs):
+    for rank in (0, 1):
+        out = runs["ranks"][rank]["auto_attach"]
+        message = out["submodule first"]
+        assert message.startswith("ValueError: AdaScale could not attach itself at the first forward of FSDPLinear"), message
+        assert "call opt.attach(model) with that model" in message, message
+        assert message.endswith("(see docs/troubleshooting.md#attach-with-foreign-parameters)"), message
+        assert out["submodule first waiting"] is True
+        assert out["submodule first then root"] is None
+        tau, hooked = out["submodule first then root: tau, hooked"]
+        assert tau >= 1.0 and hooked == 6
+        assert out["explicit attach: waiting"] is False
+        assert out["other model first: b waiting"] is True
+        assert out["other model first: b waiting after its forward"] is False
+        assert out["other model first"] is None
+        tau, hooked = out["other model first: tau, hooked"]
+        assert tau >= 1.0 and hooked == 6
+        assert out["other model first: a's capture untouched"] is True
+        before, with_one, after = out["global hooks: before, with one, after its death"]
+        assert (with_one, after) == (before + 1, before), (before, with_one, after)
 
 
 def test_snapshot_is_the_final_reduced_gradient(runs):
@@ -638,14 +767,23 @@ def test_fsdp2_final_callback_runs_before_the_snapshot(runs):
         assert trace[i + 2].endswith(f"sharded grads {n_params}/{n_params}"), trace[i + 2]
 
 
-def test_update_whose_hooks_never_fired_raises(runs):
+def test_update_without_attach_trains_and_one_whose_hooks_never_fired_raises(runs):
     for rank in (0, 1):
         errors = runs["ranks"][rank]["never_fired"]
         for swap in (False, True):
-            message = errors[f"swap={swap}"]
-            assert message is not None, f"swap={swap}: step() did not raise"
-            assert "no backward pass was recorded" in message and "opt.attach(model)" in message, message
-            assert errors[f"tau_after swap={swap}"] == 0.0
+            assert errors[f"no attach swap={swap}"] is None, errors[f"no attach swap={swap}"]
+            assert errors[f"no attach tau swap={swap}"] >= 1.0
+            for how in ("forward first", "by hand"):
+                message = errors[f"{how} swap={swap}"]
+                assert message is not None, f"{how}, swap={swap}: step() did not raise"
+                assert message.startswith(
+                    "RuntimeError: AdaScale: the FSDP2 (DTensor) parameters have gradients but no backward pass "
+                    "was recorded, because the hooks were never attached"
+                ), message
+                assert "opt.attach(model)" in message and "#fsdp2-hooks-never-attached" in message, message
+                assert errors[f"{how} tau swap={swap}"] == 0.0
+            assert errors[f"next window swap={swap}"] is None
+            assert errors[f"next window tau swap={swap}"] >= 1.0
         # DCP's zero-gradient step() neither raised nor advanced tau.
         assert errors["dcp_init_tau"] == 0.0 and errors["dcp_init_updates"] == 0.0
         assert "has no fully_shard module" in errors["no_fully_shard"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from adascale_shard import AdaScale
-from adascale_shard._compat import is_dtensor
+from adascale_shard._compat import is_dtensor, is_fsdp_module
 from adascale_shard.capture import MicroGradCapture
 from adascale_shard.engines import select_engine
 from adascale_shard.engines.fsdp2 import FSDP2Engine
@@ -81,8 +82,44 @@ def test_attach_refuses_a_model_without_fully_shard_and_changes_nothing():
     with pytest.raises(ValueError, match="has no fully_shard module"):
         opt.attach(model)
     assert opt._capture is capture and capture.num_hooks == 2 and isinstance(opt._engine, ReplicatedEngine)
+    assert opt._auto_attach is not None  # still waiting for an FSDP2 model's first forward
     model(torch.ones(2, 3)).sum().backward()
     assert capture.passes == 1
+
+
+def global_forward_pre_hooks() -> int:
+    from torch.nn.modules.module import _global_forward_pre_hooks
+
+    return len(_global_forward_pre_hooks)
+
+
+def test_auto_attach_waits_for_an_fsdp2_forward_until_the_first_update():
+    """Every AdaScale holds one global forward pre-hook (FSDP2's automatic attach) until its first
+    update: a forward of plain modules, a zero-gradient step() (DCP's state init) keep it; the
+    first update, an engine integration's engine and the optimizer's death remove it."""
+    gc.collect()
+    before = global_forward_pre_hooks()
+    model = torch.nn.Linear(3, 1)
+    assert not is_fsdp_module(model)
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert opt._auto_attach is not None and opt._auto_attach.active
+    assert global_forward_pre_hooks() == before + 1
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradients: no update
+    model(torch.ones(2, 3)).sum().backward()  # no fully_shard module ran: nothing attached
+    assert opt._auto_attach is not None and isinstance(opt._engine, ReplicatedEngine)
+    opt.step()
+    assert opt._auto_attach is None and global_forward_pre_hooks() == before
+    other = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert global_forward_pre_hooks() == before + 1
+    other._install_engine(ReplicatedEngine(other._rank_and_world_size))  # what DeepSpeed's integration does
+    assert other._auto_attach is None and global_forward_pre_hooks() == before
+    third = AdaScale(torch.optim.SGD(model.parameters(), lr=0.1))
+    hook = third._auto_attach
+    del third, other, opt, model, p  # the capture's hooks on the model's parameters hold the optimizers
+    gc.collect()
+    assert not hook.active and global_forward_pre_hooks() == before
 
 
 def test_stateful_needs_adascale():
