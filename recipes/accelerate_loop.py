@@ -43,7 +43,9 @@ enables FSDP only for GPU-type devices, on CPU it falls back to plain data paral
 word, so on CPU FSDP2 runs with this same loop under ``torchrun``, sharded by the script.
 
 Each update is logged by rank 0 to ``<output_dir>/log.jsonl`` (tau, gain, lr, loss, gradient
-norm, statistics); ``<output_dir>/summary.json`` is written at the end.
+norm, statistics); ``<output_dir>/summary.json`` is written at the end. ``--output_dir`` defaults
+to ``outputs/accelerate_loop/<engine>`` (``ddp``, ``fsdp2``, ``zero2``, ``zero3``, ``single``), so
+runs on different engines do not overwrite each other.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_head", type=int, default=4)
     p.add_argument("--corpus_bytes", type=int, default=2_000_000, help="bytes of standard-library source to train on")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="outputs/accelerate_loop")
+    p.add_argument("--output_dir", default=None, help="where the log, summary and checkpoints go (default: outputs/accelerate_loop/<engine>)")
     p.add_argument("--checkpointing_steps", type=int, default=0, help="save the state every N updates into <output_dir>/update_<n> (0: never)")
     p.add_argument("--resume_from_checkpoint", default=None, help="a directory written by --checkpointing_steps")
     p.add_argument("--cpu", action="store_true", help="train on the CPU (DDP on a machine without a GPU; not with DeepSpeed)")
@@ -259,6 +261,11 @@ def engine_name(accelerator, args: argparse.Namespace) -> str:
     return "ddp"
 
 
+def output_dir(args: argparse.Namespace, engine: str) -> Path:
+    """``--output_dir``, or ``outputs/accelerate_loop/<engine>`` (``engine`` from :func:`engine_name`)."""
+    return Path(args.output_dir) if args.output_dir else Path("outputs") / "accelerate_loop" / engine
+
+
 def check_deepspeed_config(config: dict, args: argparse.Namespace, source: str = "the DeepSpeed config") -> None:
     """The DeepSpeed JSON (``config``, as Accelerate read it) must build AdaScale and agree with
     the script's settings; its ``"auto"`` values are filled from them in place (Accelerate alone
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume_from_checkpoint:
         load_checkpoint(accelerator, Path(args.resume_from_checkpoint), args, model, adascale, scheduler)
         start_update = int(adascale.stats()["updates"])
-    out = Path(args.output_dir)
+    out = output_dir(args, engine)
     log = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -191,3 +191,13 @@ def test_recipe_data_is_a_whole_number_of_updates(recipe):
     assert data[0].shape == (32,) and data[0].dtype == torch.long
     with pytest.raises(ValueError, match="raise --corpus_bytes"):
         recipe.build_dataset(recipe.parse_args(["--corpus_bytes", "100"]), num_processes=2)
+
+
+def test_recipe_writes_each_engine_to_its_own_directory_unless_told(recipe):
+    """The default ``--output_dir`` is ``outputs/accelerate_loop/<engine>``, the engine the loop
+    runs (``engine_name``: what the launches' summaries report), so engines do not overwrite each
+    other's logs and checkpoints; an explicit ``--output_dir`` wins."""
+    default = recipe.parse_args([])
+    engines = ("ddp", "fsdp2", "zero2", "zero3", "single")
+    assert [recipe.output_dir(default, e) for e in engines] == [Path("outputs/accelerate_loop") / e for e in engines]
+    assert recipe.output_dir(recipe.parse_args(["--output_dir", "/tmp/run"]), "zero3") == Path("/tmp/run")
