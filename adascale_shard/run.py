@@ -22,6 +22,7 @@ import sys
 
 from ._docs import see
 from .integrations.accelerate_patch import RUNNER_ENV
+from .integrations.deepspeed import NO_PATCH_ENV as NO_DEEPSPEED_PATCH_ENV
 
 __all__ = ["main"]
 
@@ -60,16 +61,25 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[RUNNER_ENV] = "1"  # the script was not written for AdaScale (also in its subprocesses)
     import adascale_shard  # noqa: F401 - the DeepSpeed type, the Trainer flow, Accelerate's budget
 
-    if script is not None:
-        if not os.path.isfile(script):
-            raise SystemExit(f"adascale_shard.run: no such script {script!r}\n{USAGE}" + see("runner-usage"))
-        sys.argv = [script, *rest, *leading]
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
-        runpy.run_path(script, run_name="__main__")
-    else:
-        sys.argv = [module, *rest, *leading]
-        sys.path[0] = os.getcwd()
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    if script is not None and not os.path.isfile(script):
+        raise SystemExit(f"adascale_shard.run: no such script {script!r}\n{USAGE}" + see("runner-usage"))
+    try:
+        if script is not None:
+            sys.argv = [script, *rest, *leading]
+            sys.path[0] = os.path.dirname(os.path.abspath(script))
+            runpy.run_path(script, run_name="__main__")
+        else:
+            sys.argv = [module, *rest, *leading]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except AssertionError as err:
+        # DeepSpeed's own words when the type is not registered: only with the patch switched off.
+        if "AdaScale is not a supported DeepSpeed Optimizer" not in str(err):
+            raise
+        raise RuntimeError(
+            f'DeepSpeed does not know "type": "AdaScale": {NO_DEEPSPEED_PATCH_ENV}=1 switched its registration '
+            f"off. Unset {NO_DEEPSPEED_PATCH_ENV} to train with AdaScale" + see("runner-deepspeed-patch-off")
+        ) from err
 
 
 if __name__ == "__main__":

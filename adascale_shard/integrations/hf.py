@@ -337,6 +337,13 @@ class AdaScaleCallback(TrainerCallback):
             adascale.attach_grad_scaler(scaler)
         if self.base_batch_size is not None:  # else S = N, or the JSON's "scale"
             adascale.set_scale(_global_batch(args) / self.base_batch_size)
+        if trainer is not None and (getattr(trainer, "model_accepts_loss_kwargs", False) or trainer.compute_loss_func):
+            # The Trainer's own test for passing num_items_in_batch: a token-normalised loss.
+            logger.info(
+                "AdaScale: the loss is divided by the label tokens of the whole update, so micro-batches "
+                "weigh by their token counts; with unequal counts the gain is an approximation "
+                "(|error| <= CV^2 of the counts; docs/trainer.md#variable-length-batches-sft)"
+            )
         if model is not None and _is_fsdp2(model):
             adascale.attach(model)
         elif getattr(args, "fsdp", None) and args.world_size > 1:

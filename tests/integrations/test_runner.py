@@ -253,3 +253,11 @@ def test_trl_with_lora_trains_the_adapter_only(launches):
     assert result["trainable_parameters"] == 8 * (64 + 3 * 64) * 2  # r=8: A (8 x 64) and B (192 x 8) on c_attn, 2 layers
     gains = [r["adascale/gain"] for r in result["log_history"] if "adascale/gain" in r]
     assert max(gains) > 1.2
+
+
+def test_deepspeeds_unknown_type_under_the_runner_names_the_switch(tmp_path):
+    script = tmp_path / "unregistered.py"  # what DeepSpeed raises when the type is not registered
+    script.write_text("raise AssertionError('AdaScale is not a supported DeepSpeed Optimizer')\n")
+    out = subprocess.run([sys.executable, "-m", "adascale_shard.run", str(script)], capture_output=True, text=True, env=_env())
+    assert out.returncode != 0
+    assert 'RuntimeError: DeepSpeed does not know "type": "AdaScale": ADASCALE_NO_DEEPSPEED_PATCH=1 switched' in out.stderr
