@@ -226,16 +226,22 @@ def _patch_config_parsing() -> None:
         return
 
     def checked_get_optimizer_name(param_dict):
-        block = param_dict.get("optimizer") if isinstance(param_dict, dict) else None
-        if isinstance(block, str) and block.lower() == OPTIMIZER_TYPE:
-            raise ValueError(
-                f'DeepSpeed config: "optimizer": "{block}" must be a block: "optimizer": {{"type": '
-                f'"{block}", "params": {{"optimizer": "SGD", "lr": 0.1, ...}}}}' + see("optimizer-given-as-a-string")
-            )
+        check_optimizer_block(param_dict)
         return get_optimizer_name(param_dict)
 
     setattr(checked_get_optimizer_name, _ORIGINALS, get_optimizer_name)
     config_module.get_optimizer_name = checked_get_optimizer_name
+
+
+def check_optimizer_block(config: Any) -> None:
+    """Refuse ``"optimizer": "AdaScale"`` given as a string instead of a block (DeepSpeed's and the
+    HF Trainer's config parsing would stop with a bare ``AttributeError``)."""
+    block = config.get("optimizer") if isinstance(config, dict) else None
+    if isinstance(block, str) and block.lower() == OPTIMIZER_TYPE:
+        raise ValueError(
+            f'DeepSpeed config: "optimizer": "{block}" must be a block: "optimizer": {{"type": '
+            f'"{block}", "params": {{"optimizer": "SGD", "lr": 0.1, ...}}}}' + see("optimizer-given-as-a-string")
+        )
 
 
 def build_optimizer(model_parameters: Any, params: dict[str, Any] | None) -> AdaScale:

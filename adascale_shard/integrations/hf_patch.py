@@ -6,7 +6,8 @@ Before the Trainer's own ``train`` runs, :func:`adascale_shard.integrations.hf.p
 turns on the whole AdaScale flow when AdaScale is, or will be, the Trainer's optimizer (a DeepSpeed
 JSON ``"type": "AdaScale"``, ``optimizer_cls_and_kwargs``, an AdaScale instance, or an
 ``AdaScaleCallback`` among the callbacks), and otherwise adds a check that refuses an AdaScale
-optimizer that appears later without the flow. ``ADASCALE_NO_TRAINER_PATCH=1`` in the
+optimizer that appears later without the flow; ``"optimizer": "AdaScale"`` given as a string in the
+Trainer's DeepSpeed JSON gets a message naming the block. ``ADASCALE_NO_TRAINER_PATCH=1`` in the
 environment switches it off; :func:`unpatch` undoes it.
 """
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 NO_PATCH_ENV = "ADASCALE_NO_TRAINER_PATCH"
 _MODULE = "transformers.trainer"
+_DEEPSPEED_MODULE = "transformers.integrations.deepspeed"
 _ORIGINAL = "_adascale_shard_original_train"
 
 
@@ -34,6 +36,7 @@ def install() -> None:
         logger.info("adascale_shard: %s=1, the HF Trainer is not patched", NO_PATCH_ENV)
         return
     when_imported(_MODULE, patch_trainer)
+    when_imported(_DEEPSPEED_MODULE, patch_deepspeed_config)
 
 
 def patch_trainer(module: ModuleType) -> None:
@@ -54,13 +57,36 @@ def patch_trainer(module: ModuleType) -> None:
     trainer_cls.train = train
 
 
+def patch_deepspeed_config(module: ModuleType) -> None:
+    """``"optimizer": "AdaScale"`` as a string stops the Trainer's DeepSpeed config parsing
+    (``TrainingArguments(deepspeed=...)``) with a bare ``AttributeError``: name the block instead."""
+    config_cls = module.HfTrainerDeepSpeedConfig
+    if _ORIGINAL in vars(config_cls):
+        return
+    original = config_cls.trainer_config_process
+
+    @functools.wraps(original)
+    def trainer_config_process(self, *args, **kwargs):
+        from .deepspeed import check_optimizer_block
+
+        check_optimizer_block(self.config)
+        return original(self, *args, **kwargs)
+
+    setattr(config_cls, _ORIGINAL, original)
+    config_cls.trainer_config_process = trainer_config_process
+
+
 def unpatch() -> None:
-    """Give ``Trainer`` its own ``train`` back; a Transformers imported later is not patched."""
+    """Give ``Trainer`` its own ``train`` (and the Trainer's DeepSpeed config its parsing) back; a
+    Transformers imported later is not patched."""
     import sys
 
-    forget(_MODULE)
-    module = sys.modules.get(_MODULE)
-    trainer_cls = getattr(module, "Trainer", None)
-    if trainer_cls is not None and _ORIGINAL in vars(trainer_cls):
-        trainer_cls.train = vars(trainer_cls)[_ORIGINAL]
-        delattr(trainer_cls, _ORIGINAL)
+    for module_name, class_name, method in (
+        (_MODULE, "Trainer", "train"),
+        (_DEEPSPEED_MODULE, "HfTrainerDeepSpeedConfig", "trainer_config_process"),
+    ):
+        forget(module_name)
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and _ORIGINAL in vars(cls):
+            setattr(cls, method, vars(cls)[_ORIGINAL])
+            delattr(cls, _ORIGINAL)

@@ -498,7 +498,7 @@ def test_every_documented_config_error(results):
     messages = results["rank0"]["errors"]
     assert "not a torch.optim optimizer" in messages["unknown_base"] and "SGD" in messages["unknown_base"]
     assert "could not build the base optimizer SGD" in messages["unknown_param"]
-    assert "lr='auto' was not resolved" in messages["auto_lr"]
+    assert "['lr'] are \"auto\", which only the HF Trainer" in messages["auto_lr"]
     assert "scale=0.5 is impossible" in messages["bad_scale"]
     assert "gradient_clipping" in messages["max_grad_norm"]
     assert "does not support ZeRO-Offload" in messages["offload"]

@@ -171,3 +171,10 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if k != hf_patch.NO_PATCH_ENV}
+
+
+def test_the_trainers_deepspeed_json_with_a_bare_string_names_the_block(tmp_path):
+    pytest.importorskip("deepspeed")
+    config = {"optimizer": "AdaScale", "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match=r'"optimizer": "AdaScale" must be a block: "optimizer": \{"type": "AdaScale"'):
+        TrainingArguments(output_dir=str(tmp_path), use_cpu=True, deepspeed=config, report_to=[])

@@ -37,8 +37,8 @@ def make():
 @pytest.mark.parametrize(
     "block, error, pieces",
     [
-        ({"lr": "auto"}, ValueError, ["lr='auto' was not resolved", "give a number"]),
-        ({"lr": "1e-3"}, ValueError, ["lr='1e-3' was not resolved"]),
+        ({"lr": "auto"}, ValueError, ["['lr'] are \"auto\", which only the HF Trainer", "give numbers"]),
+        ({"lr": "1e-3"}, ValueError, ["lr='1e-3' is not a number"]),
         ({"lr": 0.1, "max_grad_norm": 1.0}, ValueError, ["'max_grad_norm'", '"gradient_clipping"']),
         ({"optimizer": "Lion", "lr": 0.1}, ValueError, ["optimizer='Lion' is not a torch.optim optimizer", "SGD"]),
         ({"optimizer": "AdaScale", "lr": 0.1}, ValueError, ["cannot wrap itself", "'SGD'"]),
