@@ -16,9 +16,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from ._post_import import forget, when_imported
+from .deepspeed import check_optimizer_block
 
 __all__ = ["install", "unpatch", "NO_PATCH_ENV"]
 
@@ -41,39 +44,34 @@ def install() -> None:
 
 def patch_trainer(module: ModuleType) -> None:
     """Wrap ``module.Trainer.train`` (idempotent)."""
-    trainer_cls = module.Trainer
-    if _ORIGINAL in vars(trainer_cls):
-        return
-    original = trainer_cls.train
 
-    @functools.wraps(original)
-    def train(self, *args, **kwargs):
+    def prepare(trainer: Any) -> None:
         from .hf import prepare_train  # imports Transformers, which is loaded by now
 
-        prepare_train(self)
-        return original(self, *args, **kwargs)
+        prepare_train(trainer)
 
-    setattr(trainer_cls, _ORIGINAL, original)
-    trainer_cls.train = train
+    _run_first(module.Trainer, "train", prepare)
 
 
 def patch_deepspeed_config(module: ModuleType) -> None:
     """``"optimizer": "AdaScale"`` as a string stops the Trainer's DeepSpeed config parsing
     (``TrainingArguments(deepspeed=...)``) with a bare ``AttributeError``: name the block instead."""
-    config_cls = module.HfTrainerDeepSpeedConfig
-    if _ORIGINAL in vars(config_cls):
+    _run_first(module.HfTrainerDeepSpeedConfig, "trainer_config_process", lambda config: check_optimizer_block(config.config))
+
+
+def _run_first(cls: type, name: str, first: Callable[[Any], None]) -> None:
+    """Make ``cls.<name>(self, ...)`` call ``first(self)`` before itself (once per class)."""
+    if _ORIGINAL in vars(cls):
         return
-    original = config_cls.trainer_config_process
+    original = getattr(cls, name)
 
     @functools.wraps(original)
-    def trainer_config_process(self, *args, **kwargs):
-        from .deepspeed import check_optimizer_block
-
-        check_optimizer_block(self.config)
+    def wrapped(self, *args, **kwargs):
+        first(self)
         return original(self, *args, **kwargs)
 
-    setattr(config_cls, _ORIGINAL, original)
-    config_cls.trainer_config_process = trainer_config_process
+    setattr(cls, _ORIGINAL, original)
+    setattr(cls, name, wrapped)
 
 
 def unpatch() -> None:

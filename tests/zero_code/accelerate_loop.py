@@ -8,11 +8,11 @@ the scheduler's position.
 """
 
 import argparse
-import json
 import sysconfig
 from pathlib import Path
 
 import torch
+from _result import optimizer_chain, write_result  # tests/zero_code/_result.py, beside this script
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DummyOptim, DummyScheduler
@@ -79,25 +79,19 @@ def main() -> None:
             break
     accelerator.end_training()
     if accelerator.is_main_process:
-        names, inner = [], optimizer
-        while inner is not None and len(names) < 8:
-            names.append(type(inner).__name__)
-            inner = getattr(inner, "optimizer", None)
         schedule = scheduler
         while hasattr(schedule, "scheduler"):
             schedule = schedule.scheduler
-        result = {
+        names = optimizer_chain(optimizer)
+        write_result(args.output_dir, {
             "optimizers": names,
             "completed_steps": completed_steps,
             "epochs_begun": _epoch + 1,
             "records": tracker.records,
             "scheduler": type(schedule).__name__,
             "last_batch_iteration": schedule.last_batch_iteration,
-        }
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        Path(args.output_dir, "result.json").write_text(json.dumps(result, indent=1))
+        })
         print(f"trained {completed_steps} updates; optimizers {names}")
-
 
 if __name__ == "__main__":
     main()

@@ -6,13 +6,13 @@ DeepSpeed JSON (``--deepspeed``) or from nothing at all. Rank 0 writes ``<output
 what the Trainer ran (optimizer class, updates, ``max_steps``) and its ``log_history``.
 """
 
-import json
 import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _result import report_trainer  # tests/zero_code/_result.py, beside this script
 from transformers import AutoModelForCausalLM, GPT2Config, HfArgumentParser, Trainer, TrainingArguments
 
 BLOCK = 32
@@ -43,24 +43,7 @@ def main() -> None:
     train, val = datasets(script_args.samples)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val)
     trainer.train()
-    if trainer.is_world_process_zero():
-        optimizer = trainer.optimizer
-        names = []
-        while optimizer is not None and len(names) < 8:
-            names.append(type(optimizer).__name__)
-            optimizer = getattr(optimizer, "optimizer", None)
-        result = {
-            "optimizers": names,
-            "global_step": trainer.state.global_step,
-            "max_steps": trainer.state.max_steps,
-            "log_history": trainer.state.log_history,
-            "argv": sys.argv,
-        }
-        if args.hf_deepspeed_config is not None:  # the JSON with the Trainer's "auto" values filled in
-            result["deepspeed_scheduler"] = args.hf_deepspeed_config.config.get("scheduler")
-        Path(args.output_dir, "result.json").write_text(json.dumps(result, indent=1))
-        print(f"trained {trainer.state.global_step} updates; optimizers {names}")
-
+    report_trainer(trainer, argv=sys.argv)
 
 if __name__ == "__main__":
     main()

@@ -7,11 +7,11 @@ DeepSpeed JSON ``"type": "AdaScale"``. Rank 0 writes ``<output_dir>/result.json`
 """
 
 import ast
-import json
 import sysconfig
 from pathlib import Path
 
 import torch
+from _result import report_trainer  # tests/zero_code/_result.py, beside this script
 from peft import LoraConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, HfArgumentParser, PreTrainedTokenizerFast
@@ -52,19 +52,8 @@ def main() -> None:
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.0, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer, peft_config=lora)
     trainer.train()
-    if trainer.is_world_process_zero():
-        names, optimizer = [], trainer.optimizer
-        while optimizer is not None and len(names) < 8:
-            names.append(type(optimizer).__name__)
-            optimizer = getattr(optimizer, "optimizer", None)
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        result = {"optimizers": names, "global_step": trainer.state.global_step, "max_steps": trainer.state.max_steps,
-                  "log_history": trainer.state.log_history, "trainable_parameters": trainable}
-        if args.hf_deepspeed_config is not None:  # the JSON with the Trainer's "auto" values filled in
-            result["deepspeed_scheduler"] = args.hf_deepspeed_config.config.get("scheduler")
-        Path(args.output_dir, "result.json").write_text(json.dumps(result, indent=1))
-        print(f"trained {trainer.state.global_step} updates; optimizers {names}; {trainable} trainable parameters")
-
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    report_trainer(trainer, trainable_parameters=trainable)
 
 if __name__ == "__main__":
     main()
