@@ -34,4 +34,6 @@ def report_trainer(trainer, **extra) -> None:
     if args.hf_deepspeed_config is not None:
         result["deepspeed_scheduler"] = args.hf_deepspeed_config.config.get("scheduler")
     write_result(args.output_dir, result)
-    print(f"trained {trainer.state.global_step} updates; optimizers {result['optimizers']}")
+    taus = [r["adascale/tau"] for r in trainer.state.log_history if "adascale/tau" in r]
+    reached = f"tau {taus[-1]:.2f} / max_steps {trainer.state.max_steps}" if taus else f"max_steps {trainer.state.max_steps}"
+    print(f"trained {trainer.state.global_step} updates; {reached}; optimizers {result['optimizers']}")

@@ -91,7 +91,9 @@ def main() -> None:
             "scheduler": type(schedule).__name__,
             "last_batch_iteration": schedule.last_batch_iteration,
         })
-        print(f"trained {completed_steps} updates; optimizers {names}")
+        tau = [r["adascale/tau"] for r in tracker.records if "adascale/tau" in r]
+        reached = f"tau {tau[-1]:.2f} / max_train_steps {args.max_train_steps}" if tau else f"max_train_steps {args.max_train_steps}"
+        print(f"trained {completed_steps} updates; {reached}; optimizers {names}")
 
 if __name__ == "__main__":
     main()
