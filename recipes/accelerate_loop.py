@@ -420,17 +420,16 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            lr = adascale.param_groups[0]["lr"]  # the rate of this update, before the schedule moves
             scheduler.step()  # to floor(tau)
             update += 1
-            stats = adascale.stats()
+            stats = adascale.stats()  # lr and effective_lr of this update, whenever the engine moved the schedule
             record = {
                 "update": update,
                 "epoch": epoch,
                 "tau": stats["tau"],
                 "gain": stats["gain"],
-                "lr": lr,
-                "effective_lr": lr * adascale.lr_factor(),
+                "lr": stats["lr"],
+                "effective_lr": stats["effective_lr"],
                 "loss": mean_over_processes(losses),
                 "grad_norm": float(grad_norm),
                 "var": stats["var"],

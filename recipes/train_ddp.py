@@ -139,7 +139,7 @@ def main() -> None:
         sched.step()
         update += 1
         if rank == 0:
-            record = {"update": update, "loss": total, **opt.stats(), "lr": sched.get_last_lr()[0]}
+            record = {"update": update, "loss": total, **opt.stats()}  # lr, effective_lr: of this update
             log.write(json.dumps(record) + "\n")
             if update % 10 == 0 or opt.budget_spent(args.budget):
                 print(

@@ -327,6 +327,7 @@ def test_schedule_is_read_at_floor_tau(runs, engine):
     previous = [0.0] + [r["tau"] for r in got[:-1]]
     for record, tau in zip(got, previous):
         assert record["lr"] == pytest.approx(0.1 * factor(math.floor(tau)), rel=1e-12)
+        assert record["effective_lr"] == pytest.approx(record["lr"] * record["gain"], rel=1e-12)  # the same update
 
 
 @pytest.mark.parametrize("engine", PARAMS)
