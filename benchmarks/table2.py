@@ -261,7 +261,7 @@ def run_cell(cell: Cell, spec: dict, workdir: Path, rows: list[dict], quick: boo
     if cell.method == "base":
         try:
             row["advisor"] = advisor_prediction(out, b, spec["scales"], spec["T1"])
-        except Exception as err:  # noqa: BLE001 - a prediction that fails is reported, not fatal
+        except Exception as err:  # a prediction that fails is reported, not fatal
             row["advisor"] = {"error": f"{type(err).__name__}: {err}"}
     return row
 
