@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", action="store_true", help="only write the PNG (OUTPUT with .png)")
     p.add_argument("--max-minutes", type=float, help="start no cell after this many minutes")
     p.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
+    p.add_argument("--skip", nargs="+", default=[], metavar="CELL", help="cells not to run, e.g. AS-S64-seed0")
     args = p.parse_args(argv)
     out = Path(args.output)
     if args.table or args.plot:
@@ -506,11 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         return {r["cell"] for r in rows if all(r.get(k) == spec[k] for k in keys) and r.get("quick") == args.quick}
 
     rows = [r for r in load_rows(out) if r.get("quick") == args.quick]
-    bar = tqdm(total=len(cell_order(spec, 0.0)), desc="table2 cells", unit="cell", dynamic_ncols=True)
+    bar = tqdm(total=len(cell_order(spec, 0.0)) - len(args.skip), desc="table2 cells", unit="cell", dynamic_ncols=True)
     bar.update(min(len(done(rows)), bar.total))
     while True:
         best = tuned(rows, spec)
-        todo = [c for c in cell_order(spec, best["lr_base"] if best else None) if c.name not in done(rows)]
+        finished = done(rows)
+        todo = [c for c in cell_order(spec, best["lr_base"] if best else None) if c.name not in finished and c.name not in args.skip]
         if not todo:
             break
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
