@@ -243,6 +243,7 @@ def run_cell(cell: Cell, spec: dict, workdir: Path, rows: list[dict], quick: boo
         "lr": cell.lr * (LR_FACTOR[cell.method](cell.scale) if cell.method in LR_FACTOR else 1.0),
         "eval_loss": summary["eval_loss"],
         "eval_loss_initial": summary.get("eval_loss_initial"),
+        "eval_samples": summary.get("eval_samples"),
         "updates": summary["updates"],
         "samples": summary["updates"] * cell.scale * b,
         "tau": summary["tau"],
@@ -331,7 +332,7 @@ def table(rows: list[dict]) -> str:
     lines = [
         f"all-MiniLM-L6-v2 masked-LM fine-tuning, HF Trainer + DeepSpeed ZeRO-2, 2 gloo ranks, AdamW; "
         f"T1 = {first['T1']} steps at S = 1, base batch {first['base_batch']} sequences x {first['max_seq_length']} tokens, "
-        f"10% warm-up + linear decay, eval every 10% of the schedule on {first['max_eval_samples']} held-out blocks "
+        f"10% warm-up + linear decay, eval every 10% of the schedule on {first.get('eval_samples') or first['max_eval_samples']} held-out blocks "
         f"(fixed masks per seed){' [QUICK]' if first.get('quick') else ''}.",
         "",
         "**Learning-rate grid at S = 1 (seed 0): final eval loss**",
@@ -420,8 +421,21 @@ def commands_list(rows: list[dict]) -> str:
     first_seed = min(r["seed"] for r in rows)
     for r in rows:
         if r["seed"] == first_seed:
-            lines.append(f"- `{r['cell']}`: `{r['command']}`")
+            lines.append(f"- `{r['cell']}`: `{_portable(r['command'])}`")
     return "\n".join(lines) + "\n"
+
+
+def _portable(command: str) -> str:
+    """A row's command as a user types it: ``.venv/bin/torchrun`` and the output dir under ``runs/``."""
+    head, _, rest = command.partition(" ")
+    if head.endswith("/torchrun"):
+        head = ".venv/bin/torchrun"
+    marker = "--output_dir "
+    if marker in rest:
+        before, _, after = rest.partition(marker)
+        path, _, tail = after.partition(" ")
+        rest = f"{before}{marker}runs/table2/{Path(path).name} {tail}".rstrip()
+    return f"{head} {rest}"
 
 
 def plot(rows: list[dict], png: Path) -> Path | None:
@@ -439,7 +453,7 @@ def plot(rows: list[dict], png: Path) -> Path | None:
     lr = next(iter(bases.values()))["lr_base"]
     keep = [r for r in rows if (r["method"] != "base" and r["lr_base"] == lr) or (r["method"] == "base" and r is bases.get(r["seed"]))]
     scales = sorted({r["S"] for r in keep})
-    colors = {s: plt.cm.viridis(i / max(1, len(scales) - 1)) for i, s in enumerate(scales)}
+    colors = {s: plt.cm.tab10(i) for i, s in enumerate(scales)}
     styles = {"base": ("k", "-", "o"), "AS": (None, "-", "o"), "LSW": (None, "--", "s"), "SQRT": (None, ":", "^")}
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     for r in sorted(keep, key=lambda r: (r["S"], r["method"], r["seed"])):
@@ -451,13 +465,12 @@ def plot(rows: list[dict], png: Path) -> Path | None:
         label = f"S={r['S']} {r['method']}" if r["seed"] == min(bases) else None
         alpha = 1.0 if r["seed"] == min(bases) else 0.45
         for ax, xs in zip(axes, (steps, samples)):
-            ax.plot([max(x, 0.5) if ax is axes[0] else max(x, r["base_batch"] / 2) for x in xs], losses, color=color,
-                    linestyle=line, marker=marker, markersize=3, alpha=alpha, label=label)
+            ax.plot(xs, losses, color=color, linestyle=line, marker=marker, markersize=3, alpha=alpha, label=label)
     target = bases[min(bases)]["eval_loss"]
     for ax, xlabel in zip(axes, ("updates", "training samples (sequences)")):
         ax.axhline(target, color="grey", linewidth=0.8, label=f"S=1 final eval loss (seed {min(bases)})")
         ax.set_xscale("log")
-        ax.set(xlabel=xlabel + " (log; 0 drawn at the left edge)", ylabel="eval loss (masked LM)")
+        ax.set(xlabel=xlabel + " (log)", ylabel="eval loss (masked LM)")
         ax.set_ylim(top=min(max(p[1] for r in keep for p in r["curve"]), target + 4), bottom=target - 1)
         ax.grid(alpha=0.3)
     axes[0].set_title("eval loss against updates (faint: other seeds)")
