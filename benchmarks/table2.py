@@ -155,7 +155,9 @@ def _free_port() -> int:
 def _git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return "unknown"
     return commit + ("+dirty" if dirty else "")
@@ -320,7 +322,7 @@ def _mean_spread(values: list[float | None], fmt: str) -> str:
     mean = sum(values) / len(values)
     if len(values) == 1:
         return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format((max(values) - min(values)) / 2, fmt)}"
+    return f"{format(mean, fmt)} ± {format((max(values) - min(values)) / 2, fmt.lstrip('+'))}"
 
 
 def table(rows: list[dict]) -> str:
@@ -332,20 +334,34 @@ def table(rows: list[dict]) -> str:
     lines = [
         f"all-MiniLM-L6-v2 masked-LM fine-tuning, HF Trainer + DeepSpeed ZeRO-2, 2 gloo ranks, AdamW; "
         f"T1 = {first['T1']} steps at S = 1, base batch {first['base_batch']} sequences x {first['max_seq_length']} tokens, "
-        f"10% warm-up + linear decay, eval every 10% of the schedule on {first.get('eval_samples') or first['max_eval_samples']} held-out blocks "
+        f"10% warm-up + linear decay, eval every 10% of the schedule on {next((r['eval_samples'] for r in rows if r.get('eval_samples')), first['max_eval_samples'])} held-out blocks "
         f"(fixed masks per seed){' [QUICK]' if first.get('quick') else ''}.",
         "",
         "**Learning-rate grid at S = 1 (seed 0): final eval loss**",
         "",
-        "| lr | " + " | ".join(f"{r['lr_base']:g}" for r in sorted(rows, key=lambda r: r["lr_base"]) if r["method"] == "base" and r["seed"] == min(bases or [0])) + " |",
+        "| lr | "
+        + " | ".join(
+            f"{r['lr_base']:g}"
+            for r in sorted(rows, key=lambda r: r["lr_base"])
+            if r["method"] == "base" and r["seed"] == min(bases or [0])
+        )
+        + " |",
         "|---|" + "---|" * sum(1 for r in rows if r["method"] == "base" and r["seed"] == min(bases or [0])),
-        "| eval loss | " + " | ".join(f"{r['eval_loss']:.3f}" for r in sorted(rows, key=lambda r: r["lr_base"]) if r["method"] == "base" and r["seed"] == min(bases or [0])) + " |",
+        "| eval loss | "
+        + " | ".join(
+            f"{r['eval_loss']:.3f}"
+            for r in sorted(rows, key=lambda r: r["lr_base"])
+            if r["method"] == "base" and r["seed"] == min(bases or [0])
+        )
+        + " |",
         "",
         "**Per cell** (mean ± half the spread over the seeds run; `-` = never reached / not applicable). "
-        "Updates to the S = 1 loss: the first evaluation at or below the same seed's S = 1 final eval loss.",
+        "Updates to the S = 1 loss: the first evaluation at or below the same seed's S = 1 final eval loss. "
+        "The seed also draws the eval masks, so eval losses compare within a seed: the Δ column is the final "
+        "eval loss minus the same seed's S = 1 final eval loss.",
         "",
-        "| S | method | lr | seeds | final eval loss | updates | samples | tau | mean gain | updates to S = 1 loss | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| S | method | lr | seeds | final eval loss | Δ vs S = 1 (same seed) | updates | samples | tau | mean gain | updates to S = 1 loss | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"base": 0, "AS": 1, "LSW": 2, "SQRT": 3}
     groups: dict[tuple[int, str], list[dict]] = {}
@@ -366,11 +382,20 @@ def table(rows: list[dict]) -> str:
                 target = base_target(rows, r["seed"])
                 reach.append(updates_to_reach(r["curve"], target))
         never = sum(v is None for v in reach)
-        reach_text = _mean_spread(reach, ".0f") if not never else ("-" if never == len(reach) else f"{_mean_spread(reach, '.0f')} ({never} never)")
-        name = "S = 1 base" if method == "base" else {"AS": "AdaScale", "LSW": "linear (lr x S)", "SQRT": "sqrt (lr x sqrt S)"}[method]
+        reach_text = (
+            _mean_spread(reach, "g")
+            if not never
+            else ("-" if never == len(reach) else f"{_mean_spread(reach, 'g')} ({never} never)")
+        )
+        name = (
+            "S = 1 base"
+            if method == "base"
+            else {"AS": "AdaScale", "LSW": "linear (lr x S)", "SQRT": "sqrt (lr x sqrt S)"}[method]
+        )
         lines.append(
             f"| {scale} | {name} | {picked[0]['lr']:.3g} | {len(picked)} | {_mean_spread([r['eval_loss'] for r in picked], '.3f')} | "
-            f"{_mean_spread([r['updates'] for r in picked], '.0f')} | {_mean_spread([r['samples'] for r in picked], '.0f')} | "
+            f"{_mean_spread([r['eval_loss'] - bases[r['seed']]['eval_loss'] if r['seed'] in bases else None for r in picked], '+.3f')} | "
+            f"{_mean_spread([r['updates'] for r in picked], 'g')} | {_mean_spread([r['samples'] for r in picked], 'g')} | "
             f"{_mean_spread([r['tau'] for r in picked], '.1f')} | {_mean_spread([r['mean_gain'] for r in picked], '.2f')} | "
             f"{reach_text} | {_mean_spread([r['wall_seconds'] for r in picked], '.0f')} |"
         )
@@ -384,40 +409,55 @@ def advisor_table(rows: list[dict]) -> str:
     if not bases:
         return ""
     base = bases[min(bases)]
-    advice = base.get("advisor") or {}
-    if "error" in advice or "per_scale" not in advice:
-        return f"Advisor: no prediction ({advice.get('error', 'not recorded')}).\n"
+    advices = {seed: b.get("advisor") or {} for seed, b in bases.items()}
+    advices = {seed: a for seed, a in advices.items() if "per_scale" in a}
+    if not advices:
+        return f"Advisor: no prediction ({(base.get('advisor') or {}).get('error', 'not recorded')}).\n"
     t1 = base["T1"]
+    noise = ", ".join(f"{a['noise_scale']:.3g} (seed {seed})" for seed, a in sorted(advices.items()))
+    half = ", ".join(f"{a['scale_at_half']:.3g}" for _, a in sorted(advices.items()))
     lines = [
-        f"**Advisor** (`python -m adascale_shard.advisor` on the S = 1 seed-{base['seed']} run's logs: noise scale "
-        f"{advice['noise_scale']:.3g} base batches over the run, efficiency 0.5 at S ~ {advice['scale_at_half']:.3g}) "
-        "against the measured AdaScale runs (seed means). Speed-up = S = 1 updates / updates.",
+        f"**Advisor** (`python -m adascale_shard.advisor` on each seed's S = 1 run's logs: noise scale {noise} base "
+        f"batches over the run, efficiency 0.5 at S ~ {half}) against the measured AdaScale runs. Per S, the "
+        "prediction is the mean over the seeds measured at that S (all seeds where none was). Speed-up = S = 1 updates / updates.",
         "",
         "| S | predicted updates to tau = T1 | predicted speed-up | predicted efficiency | measured updates | measured speed-up | measured efficiency (mean gain / S) | measured speed-up to the S = 1 loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
     base_reach = [r["updates"] for r in bases.values()]
-    for scale, pred in sorted(advice["per_scale"].items(), key=lambda kv: float(kv[0])):
+    for scale in sorted({s for a in advices.values() for s in a["per_scale"]}, key=float):
         scale_i = int(float(scale))
         runs = [r for r in rows if r["method"] == "AS" and r["S"] == scale_i and r["lr_base"] == base["lr_base"]]
+        paired = {r["seed"] for r in runs} & set(advices) or set(advices)  # the seeds measured at this S
+        preds = [a["per_scale"][scale] for seed, a in advices.items() if scale in a["per_scale"] and seed in paired]
+        pred = {
+            "updates": _mean_spread([q["updates"] for q in preds], ".0f"),
+            "speedup": _mean_spread([t1 / q["updates"] for q in preds], ".1f"),
+            "efficiency": _mean_spread([q["efficiency"] for q in preds], ".2f"),
+        }
         if runs:
             updates = sum(r["updates"] for r in runs) / len(runs)
             gain = sum(r["mean_gain"] for r in runs) / len(runs)
             reach = [updates_to_reach(r["curve"], base_target(rows, r["seed"])) for r in runs]
             speed_reach = (
-                f"{(sum(base_reach) / len(base_reach)) / (sum(reach) / len(reach)):.1f}" if all(v for v in reach) else "- (not reached)"
+                f"{(sum(base_reach) / len(base_reach)) / (sum(reach) / len(reach)):.1f}"
+                if all(v for v in reach)
+                else "- (not reached)"
             )
-            measured = f"{updates:.0f} | {t1 / updates:.1f} | {gain / scale_i:.2f} | {speed_reach}"
+            measured = f"{updates:g} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | {t1 / updates:.1f} | {gain / scale_i:.2f} | {speed_reach}"
         else:
-            measured = "not run | | |"
-        lines.append(f"| {scale_i} | {pred['updates']} | {t1 / pred['updates']:.1f} | {pred['efficiency']:.2f} | {measured} |")
+            measured = "not run (cut for time) | | |"
+        lines.append(f"| {scale_i} | {pred['updates']} | {pred['speedup']} | {pred['efficiency']} | {measured} |")
     return "\n".join(lines) + "\n"
 
 
 def commands_list(rows: list[dict]) -> str:
     """The exact command of each row (seed 0; other seeds differ only in --seed and --output_dir)."""
-    lines = ["**Commands** (run from the repository root; the driver adds `--master_port` and the environment "
-             "`DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=.`):", ""]
+    lines = [
+        "**Commands** (run from the repository root; the driver adds `--master_port` and the environment "
+        "`DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=.`):",
+        "",
+    ]
     first_seed = min(r["seed"] for r in rows)
     for r in rows:
         if r["seed"] == first_seed:
@@ -451,7 +491,11 @@ def plot(rows: list[dict], png: Path) -> Path | None:
     if not bases:
         return None
     lr = next(iter(bases.values()))["lr_base"]
-    keep = [r for r in rows if (r["method"] != "base" and r["lr_base"] == lr) or (r["method"] == "base" and r is bases.get(r["seed"]))]
+    keep = [
+        r
+        for r in rows
+        if (r["method"] != "base" and r["lr_base"] == lr) or (r["method"] == "base" and r is bases.get(r["seed"]))
+    ]
     scales = sorted({r["S"] for r in keep})
     colors = {s: plt.cm.tab10(i) for i, s in enumerate(scales)}
     styles = {"base": ("k", "-", "o"), "AS": (None, "-", "o"), "LSW": (None, "--", "s"), "SQRT": (None, ":", "^")}
@@ -468,15 +512,25 @@ def plot(rows: list[dict], png: Path) -> Path | None:
             ax.plot(xs, losses, color=color, linestyle=line, marker=marker, markersize=3, alpha=alpha, label=label)
     target = bases[min(bases)]["eval_loss"]
     for ax, xlabel in zip(axes, ("updates", "training samples (sequences)")):
-        ax.axhline(target, color="grey", linewidth=0.8, label=f"S=1 final eval loss (seed {min(bases)})")
+        for seed, base in sorted(bases.items()):
+            first = seed == min(bases)
+            ax.axhline(
+                base["eval_loss"],
+                color="grey",
+                linewidth=0.8,
+                alpha=1.0 if first else 0.45,
+                label=f"S=1 final eval loss (seed {seed})",
+            )
         ax.set_xscale("log")
         ax.set(xlabel=xlabel + " (log)", ylabel="eval loss (masked LM)")
         ax.set_ylim(top=min(max(p[1] for r in keep for p in r["curve"]), target + 4), bottom=target - 1)
         ax.grid(alpha=0.3)
-    axes[0].set_title("eval loss against updates (faint: other seeds)")
+    axes[0].set_title("eval loss against updates (faint: other seeds, whose eval masks differ)")
     axes[1].set_title("eval loss against samples")
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"all-MiniLM-L6-v2 MLM, Trainer + ZeRO-2, AdamW; AS = AdaScale, LSW = lr x S, SQRT = lr x sqrt S; T1 = {rows[0]['T1']}")
+    fig.suptitle(
+        f"all-MiniLM-L6-v2 MLM, Trainer + ZeRO-2, AdamW; AS = AdaScale, LSW = lr x S, SQRT = lr x sqrt S; T1 = {rows[0]['T1']}"
+    )
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -525,7 +579,11 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         best = tuned(rows, spec)
         finished = done(rows)
-        todo = [c for c in cell_order(spec, best["lr_base"] if best else None) if c.name not in finished and c.name not in args.skip]
+        todo = [
+            c
+            for c in cell_order(spec, best["lr_base"] if best else None)
+            if c.name not in finished and c.name not in args.skip
+        ]
         if not todo:
             break
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:

