@@ -27,7 +27,10 @@ training, ``eval_loss_initial``) scores the same masked positions.
 
 AdaScale: ``--base_batch_size`` (samples; default the per-device batch: ``S = N``), the base
 optimizer (``--adascale_optimizer SGD --momentum 0.9``) or, with ``--deepspeed configs/zero2.json``,
-the JSON block. ``--max_steps`` is the budget in scale-invariant steps.
+the JSON block. ``--max_steps`` is the budget in scale-invariant steps. ``--adascale false`` runs
+the plain Trainer instead (the baseline of ``benchmarks/table2.py``): the Trainer's optimizer
+(``--optim``, AdamW by default) or, with ``--deepspeed``, a JSON without an AdaScale block
+(``configs/zero2_plain.json``); ``--max_steps`` then counts updates.
 
 The loss is the token-normalised one the Trainer intends (:func:`token_normalised_mlm_loss`,
 passed as ``compute_loss_func``): each micro-batch contributes the sum of its masked-token losses
@@ -91,6 +94,17 @@ class ModelArguments:
     )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "A tokenizer on disk (default: the model's)."}
+    )
+
+
+@dataclass
+class BaselineArguments:
+    adascale: bool = field(
+        default=True,
+        metadata={
+            "help": "False: a plain Trainer run without AdaScale (the --optim optimizer, or the DeepSpeed "
+            "JSON's, which must then not be AdaScale: configs/zero2_plain.json), for baselines."
+        },
     )
 
 
@@ -211,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from adascale_shard.integrations.hf import AdaScaleArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, AdaScaleArguments, TrainingArguments))
-    model_args, data_args, ada_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, AdaScaleArguments, BaselineArguments, TrainingArguments))
+    model_args, data_args, ada_args, baseline_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -282,7 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collate,
         compute_loss_func=token_normalised_mlm_loss,
     )
-    callback = ada_args.enable(trainer)
+    callback = ada_args.enable(trainer) if baseline_args.adascale else None
+    if callback is None:
+        check_plain_deepspeed_config(training_args)
     metrics: dict[str, float] = {}
     if data_args.eval_before_training and not training_args.resume_from_checkpoint:
         metrics["eval_loss_initial"] = initial_eval_loss(trainer)
@@ -296,8 +312,22 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model_args.model_name_or_path or model_args.config_name,
         "train_samples": len(train_dataset),
         "eval_samples": len(eval_dataset),
+        "base_batch_size": ada_args.base_batch_size,
     }
     return finish_run(trainer, callback, output_dir, metrics, ada_args.plot, **extra)
+
+
+def check_plain_deepspeed_config(training_args) -> None:
+    """``--adascale false`` with a DeepSpeed JSON that builds AdaScale would train AdaScale without
+    its callback (no schedule at ``tau``, no budget in scale-invariant steps): refused."""
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    optimizer = config.config.get("optimizer", {}) if config is not None else {}
+    kind = optimizer.get("type") if isinstance(optimizer, dict) else optimizer
+    if kind is not None and str(kind).lower() == "adascale":
+        raise ValueError(
+            f"--adascale false but the DeepSpeed config {training_args.deepspeed} builds AdaScale: use a JSON "
+            "without an AdaScale optimizer block (configs/zero2_plain.json: the Trainer's --optim optimizer)"
+        )
 
 
 def initial_eval_loss(trainer) -> float:
