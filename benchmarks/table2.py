@@ -330,6 +330,8 @@ def table(rows: list[dict]) -> str:
     if not rows:
         return "no rows\n"
     bases = base_rows(rows)
+    grid_seed = min(bases or [0])
+    grid = sorted((r for r in rows if r["method"] == "base" and r["seed"] == grid_seed), key=lambda r: r["lr_base"])
     first = rows[0]
     lines = [
         f"all-MiniLM-L6-v2 masked-LM fine-tuning, HF Trainer + DeepSpeed ZeRO-2, 2 gloo ranks, AdamW; "
@@ -339,21 +341,9 @@ def table(rows: list[dict]) -> str:
         "",
         "**Learning-rate grid at S = 1 (seed 0): final eval loss**",
         "",
-        "| lr | "
-        + " | ".join(
-            f"{r['lr_base']:g}"
-            for r in sorted(rows, key=lambda r: r["lr_base"])
-            if r["method"] == "base" and r["seed"] == min(bases or [0])
-        )
-        + " |",
-        "|---|" + "---|" * sum(1 for r in rows if r["method"] == "base" and r["seed"] == min(bases or [0])),
-        "| eval loss | "
-        + " | ".join(
-            f"{r['eval_loss']:.3f}"
-            for r in sorted(rows, key=lambda r: r["lr_base"])
-            if r["method"] == "base" and r["seed"] == min(bases or [0])
-        )
-        + " |",
+        "| lr | " + " | ".join(f"{r['lr_base']:g}" for r in grid) + " |",
+        "|---|" + "---|" * len(grid),
+        "| eval loss | " + " | ".join(f"{r['eval_loss']:.3f}" for r in grid) + " |",
         "",
         "**Per cell** (mean ± half the spread over the seeds run; `-` = never reached / not applicable). "
         "Updates to the S = 1 loss: the first evaluation at or below the same seed's S = 1 final eval loss. "
