@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import sys
 import weakref
 from types import ModuleType
 from typing import Any
 
+import torch.utils.data
+
 from .._docs import see
 from ..optimizer import AdaScale
 from ..unwrap import find
+from ._metrics import adascale_metrics
 from ._post_import import forget, when_imported
 
 __all__ = ["install", "unpatch", "budget_of", "NO_PATCH_ENV", "RUNNER_ENV"]
@@ -44,7 +46,6 @@ RUNNER_ENV = "ADASCALE_RUNNER"  # set by python -m adascale_shard.run: the scrip
 _MODULE = "accelerate.accelerator"
 _ORIGINALS = "_adascale_shard_originals"
 _LOADER_CLASSES = ("DataLoaderShard", "DataLoaderDispatcher")  # what prepare() returns for a DataLoader
-LOG_KEYS = ("gain", "tau", "S", "lr", "effective_lr", "var", "sqr", "noise_scale", "efficiency", "updates")
 
 
 def install() -> None:
@@ -149,8 +150,6 @@ def _watch(accelerator: Any, prepared: tuple[Any, ...]) -> None:
 
 
 def _is_data_loader(obj: Any) -> bool:
-    import torch.utils.data
-
     return isinstance(obj, torch.utils.data.DataLoader)
 
 
@@ -169,11 +168,10 @@ def _iter_to_budget(self: Any, original: Any):
     if budget is None:
         yield from iterator
         return
-    updates = adascale.stats()["updates"]
+    tau = adascale.tau  # grows by the gain (>= 1) at every update: a cheap update counter
     for batch in iterator:
-        now = adascale.stats()["updates"]
-        self._adascale_feeds_updates = self._adascale_feeds_updates or now > updates
-        updates = now
+        self._adascale_feeds_updates = self._adascale_feeds_updates or adascale.tau > tau
+        tau = adascale.tau
         if self._adascale_feeds_updates and adascale.budget_spent(budget):
             iterator.close()
             end = getattr(self, "end", None)  # Accelerate's data loaders leave the gradient state
@@ -188,6 +186,4 @@ def _with_metrics(accelerator: Any, values: Any) -> Any:
     adascale = _adascale_of(accelerator)
     if adascale is None or not isinstance(values, dict) or any(str(k).startswith("adascale/") for k in values):
         return values
-    stats = adascale.stats()
-    extra = {f"adascale/{key}": stats[key] for key in LOG_KEYS if math.isfinite(stats[key])}
-    return {**values, **extra}
+    return {**values, **adascale_metrics(adascale)}

@@ -49,6 +49,7 @@ from ..optimizer import AdaScale
 from ..schedule import follow_tau
 from ..unwrap import find
 from . import hf_patch
+from ._metrics import LOG_KEYS, adascale_metrics
 
 try:  # the Trainer's callback types; the module is imported only by users of the Trainer
     from transformers import TrainerCallback
@@ -64,7 +65,6 @@ __all__ = ["enable_adascale", "AdaScaleArguments", "AdaScaleCallback", "run_summ
 
 logger = logging.getLogger(__name__)
 
-LOG_KEYS = ("gain", "tau", "var", "sqr", "noise_scale", "efficiency", "S", "lr", "effective_lr", "updates")
 
 
 def _innermost_scheduler(scheduler: Any) -> Any:
@@ -142,12 +142,16 @@ def _adascale_source(trainer: Any) -> str | None:
     block = deepspeed_config.config.get("optimizer") if deepspeed_config is not None else None
     if isinstance(block, dict) and str(block.get("type", "")).lower() == "adascale":
         return 'the DeepSpeed JSON "optimizer" block'
-    current = getattr(trainer, "optimizer_cls_and_kwargs", None)
-    if current is not None and isinstance(current[0], type) and issubclass(current[0], AdaScale):
+    if _builds_adascale(getattr(trainer, "optimizer_cls_and_kwargs", None)):
         return "optimizer_cls_and_kwargs"
     if find(trainer.optimizer) is not None:
         return "the optimizer given to the Trainer"
     return None
+
+
+def _builds_adascale(cls_and_kwargs: Any) -> bool:
+    """Whether the Trainer's ``optimizer_cls_and_kwargs`` names AdaScale (or a subclass)."""
+    return cls_and_kwargs is not None and isinstance(cls_and_kwargs[0], type) and issubclass(cls_and_kwargs[0], AdaScale)
 
 
 def _enable(trainer: Any, main: "AdaScaleCallback") -> "AdaScaleCallback":
@@ -264,7 +268,7 @@ def _set_optimizer(trainer: Any, optimizer: Any, optimizer_kwargs: dict[str, Any
     if trainer.optimizer is not None:
         return
     current = trainer.optimizer_cls_and_kwargs
-    is_adascale = current is not None and isinstance(current[0], type) and issubclass(current[0], AdaScale)
+    is_adascale = _builds_adascale(current)
     if is_adascale and optimizer is None and not optimizer_kwargs:
         return
     if optimizer is not None:
@@ -360,12 +364,11 @@ class AdaScaleCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.adascale is None or logs is None or "loss" not in logs:
             return
-        stats = self.adascale.stats()
-        extra = {f"adascale/{key}": stats[key] for key in LOG_KEYS if math.isfinite(stats[key])}
+        extra = adascale_metrics(self.adascale)
         if "learning_rate" in logs:
             # The Trainer reads the scheduler, already moved on to the next update; the record is
             # of the update just taken, whose effective_lr is this lr times its gain.
-            extra["learning_rate"] = stats["lr"]
+            extra["learning_rate"] = extra["adascale/lr"]
         logs.update(extra)
         if state.log_history:  # the Trainer appended a copy before calling the callbacks
             state.log_history[-1].update(extra)
