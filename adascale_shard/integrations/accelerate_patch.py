@@ -37,7 +37,7 @@ from ..unwrap import find
 from ._metrics import adascale_metrics
 from ._post_import import forget, when_imported
 
-__all__ = ["install", "unpatch", "budget_of", "NO_PATCH_ENV", "RUNNER_ENV"]
+__all__ = ["install", "unpatch", "budget_of", "leave_to_trainer", "NO_PATCH_ENV", "RUNNER_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,14 @@ def budget_of(accelerator: Any) -> int | None:
     return None
 
 
+def leave_to_trainer(accelerator: Any) -> None:
+    """The HF Trainer drives this accelerator's AdaScale (budget, schedule, metrics): no cut, no check."""
+    accelerator._adascale_trainer_flow = True
+
+
 def _watch(accelerator: Any, prepared: tuple[Any, ...]) -> None:
+    if getattr(accelerator, "_adascale_trainer_flow", False):
+        return
     loaders = [obj for obj in prepared if _is_data_loader(obj)]
     for loader in loaders:
         _cut_at_budget(loader, accelerator)

@@ -50,6 +50,7 @@ from ..schedule import follow_tau
 from ..unwrap import find
 from . import hf_patch
 from ._metrics import LOG_KEYS, adascale_metrics
+from .accelerate_patch import leave_to_trainer
 
 try:  # the Trainer's callback types; the module is imported only by users of the Trainer
     from transformers import TrainerCallback
@@ -176,6 +177,8 @@ def _enable(trainer: Any, main: "AdaScaleCallback") -> "AdaScaleCallback":
     if args.max_steps is None or args.max_steps <= 0:
         args.max_steps = _epochs_to_steps(trainer, base_batch_size)
     main._trainer = weakref.ref(trainer)
+    if getattr(trainer, "accelerator", None) is not None:
+        leave_to_trainer(trainer.accelerator)  # the Trainer's own flow stops at the budget
     handler = trainer.callback_handler
     for cls, replacement in ((DefaultFlowCallback, AdaScaleFlowCallback(main)), (ProgressCallback, None)):
         for index, callback in enumerate(handler.callbacks):
