@@ -24,6 +24,7 @@ __all__ = [
     "queue_callback",
     "foreach_norm",
     "is_dtensor",
+    "is_flat_parameter",
     "is_fsdp_module",
     "local_shard",
     "fsdp_state",
@@ -87,6 +88,13 @@ def is_dtensor(tensor: Any) -> bool:
     it was never imported, no DTensor can exist)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
+
+
+def is_flat_parameter(tensor: Any) -> bool:
+    """True for FSDP1's ``FlatParameter`` (``use_orig_params=False``), without importing FSDP1."""
+    module = sys.modules.get("torch.distributed.fsdp._flat_param")
+    cls = getattr(module, "FlatParameter", None)
+    return cls is not None and isinstance(tensor, cls)
 
 
 def is_fsdp_module(module: Any) -> bool:

@@ -35,9 +35,18 @@ def select_engine(param_groups: Iterable[dict[str, Any]], replicas: Callable[[],
 
     ``replicas`` gives ``(rank, ranks)`` of the optimizer's data-parallel group.
     """
-    from .._compat import is_dtensor
+    from .._compat import is_dtensor, is_flat_parameter
 
     param_groups = list(param_groups)
+    if any(is_flat_parameter(p) for group in param_groups for p in group["params"]):
+        from .._docs import see
+
+        raise NotImplementedError(
+            "AdaScale does not support FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) yet: its "
+            "FlatParameters receive FSDP's reduce-scattered gradient, not each rank's micro-gradient, so "
+            "the gain would be silently wrong. Use FSDP2 (torch.distributed.fsdp.fully_shard; Accelerate: "
+            "fsdp_version: 2), DDP or DeepSpeed ZeRO" + see("fsdp1-not-supported")
+        )
     if any(is_dtensor(p) for group in param_groups for p in group["params"]):
         from .fsdp2 import FSDP2Engine, check_not_mixed
 
