@@ -32,6 +32,10 @@ __all__ = [
     "fsdp_mesh_info_classes",
     "global_grad_norm",
     "accelerator_optimizers",
+    "is_fsdp1_module",
+    "fsdp1_modules",
+    "fsdp1_layout",
+    "fsdp1_pending_grad",
     "missing",
 ]
 
@@ -173,3 +177,61 @@ def accelerator_optimizers(accelerator: Any) -> list[Any]:
             see("a-private-api-is-missing"),
         )
     return optimizers
+
+
+# -- FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) --------------------------------------
+def is_fsdp1_module(module: Any) -> bool:
+    """True for an FSDP1 ``FullyShardedDataParallel`` instance, without importing FSDP1."""
+    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    cls = getattr(fsdp, "FullyShardedDataParallel", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def fsdp1_modules(model: torch.nn.Module) -> list[Any]:
+    """The FSDP1 instances in ``model`` (itself included), outermost first; [] without FSDP1."""
+    if "torch.distributed.fsdp.fully_sharded_data_parallel" not in sys.modules:
+        return []
+    return [m for m in model.modules() if is_fsdp1_module(m)]
+
+
+def fsdp1_layout(module: Any) -> dict[str, Any] | None:
+    """What AdaScale needs of one FSDP1 instance, or ``None`` if it manages no parameters:
+    ``flat_param``; ``originals``, the original parameters it flattens (``use_orig_params=True``),
+    else ``None``; ``sharded`` (whether its gradient is sharded after the reduction);
+    ``shard_ranks`` (the ranks one shard group spans) and ``data_parallel_ranks`` (the ranks the
+    gradient is averaged over: ``shard_ranks`` times the replicas of a hybrid strategy);
+    ``comm_hook`` (a custom reduction was registered); ``offload`` (``CPUOffload(offload_params=True)``);
+    ``strategy`` (its name)."""
+    if not hasattr(module, "_handle"):
+        raise missing(
+            "FSDP1's FullyShardedDataParallel._handle", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing")
+        )
+    handle = module._handle
+    if handle is None:
+        return None
+    try:
+        flat_param = handle.flat_param
+        group = module.process_group
+        inter = getattr(module, "_inter_node_pg", None)
+        strategy = handle._sharding_strategy
+        layout = {
+            "flat_param": flat_param,
+            "originals": list(flat_param._params) if handle._use_orig_params else None,
+            "sharded": bool(handle.uses_sharded_strategy),
+            "shard_ranks": group.size(),
+            "comm_hook": module._comm_hook is not None,
+            "offload": bool(handle._offload_params),
+            "strategy": getattr(strategy, "name", str(strategy)),
+        }
+    except AttributeError as err:
+        raise missing(f"FSDP1's {err.name}", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing")) from err
+    hybrid = layout["strategy"] in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+    layout["data_parallel_ranks"] = layout["shard_ranks"] * (inter.size() if hybrid and inter is not None else 1)
+    return layout
+
+
+def fsdp1_pending_grad(flat_param: Any) -> Any:
+    """The gradient FSDP1 accumulates into across backward passes: ``.grad``, or, while a backward
+    pass runs, the shard FSDP1 moved aside (``_saved_grad_shard``, a new tensor on its storage)."""
+    grad = flat_param.grad
+    return getattr(flat_param, "_saved_grad_shard", None) if grad is None else grad

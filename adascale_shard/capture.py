@@ -136,7 +136,7 @@ class MicroGradCapture:
         self._skip_task_id = -1  # a torch.autograd.grad() call: not a micro-batch
         self._fired: set[int] = set()
         self._last_owner: weakref.ref | None = None  # whose .grad the last hook fed
-        self._sentinel: tuple[weakref.ref, weakref.ref, int] | None = None
+        self._sentinel: tuple[weakref.ref, tuple] | None = None  # (owner, engine.grad_token(owner))
         self._warned_reentrant = False
         self._warned_split = False
         for params in groups:
@@ -368,17 +368,23 @@ class MicroGradCapture:
             self.engine.on_pass_closed(self)
         owner_ref, self._last_owner = self._last_owner, None
         param = None if owner_ref is None else owner_ref()
-        if param is not None and param.grad is not None:
-            self._sentinel = (weakref.ref(param), weakref.ref(param.grad), param.grad._version)
+        token = None if param is None else self._grad_token(param)
+        if token is not None:
+            self._sentinel = (weakref.ref(param), token)
 
     def _grads_were_reset(self) -> bool:
         """True if ``.grad`` changed since the last pass closed (zero_grad, no update between)."""
         if self._sentinel is None:
             return False
-        param_ref, grad_ref, version = self._sentinel
+        param_ref, token = self._sentinel
         param = param_ref()
-        grad = None if param is None else param.grad
-        return grad is None or grad is not grad_ref() or grad._version != version
+        return param is None or self._grad_token(param) != token
+
+    def _grad_token(self, param: torch.Tensor) -> tuple | None:
+        if self.engine is not None:
+            return self.engine.grad_token(param)
+        grad = param.grad
+        return None if grad is None else (id(grad), grad._version)
 
     # -- window -------------------------------------------------------------------------------
     @property

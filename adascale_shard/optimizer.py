@@ -250,7 +250,10 @@ class AdaScale(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def attach(self, model: torch.nn.Module) -> Any:
-        """FSDP2: hook the statistics into ``model``, a module tree ``fully_shard`` was applied to.
+        """FSDP2 and FSDP1: hook the statistics into ``model``, a module tree ``fully_shard`` (or
+        ``FullyShardedDataParallel``) was applied to. On FSDP1 it hooks the flat parameters, which
+        receive each rank's micro-gradients (:mod:`adascale_shard.engines.fsdp1`); the rest of this
+        text is about FSDP2.
 
         Optional: AdaScale does this by itself when the first ``fully_shard`` module holding its
         parameters runs forward (FSDP2's root), also after ``accelerator.prepare`` swapped its
@@ -265,6 +268,12 @@ class AdaScale(torch.optim.Optimizer):
         pass (no forward of the sharded model since AdaScale was built) raises ``RuntimeError``.
         Returns the hooks' handle (``.remove()``); see :mod:`adascale_shard.engines.fsdp2`.
         """
+        from ._compat import fsdp1_modules
+
+        if fsdp1_modules(model):
+            from .engines import fsdp1
+
+            return fsdp1.attach(self, model)
         from .engines.fsdp2 import attach
 
         return attach(self, model)

@@ -39,14 +39,9 @@ def select_engine(param_groups: Iterable[dict[str, Any]], replicas: Callable[[],
 
     param_groups = list(param_groups)
     if any(is_flat_parameter(p) for group in param_groups for p in group["params"]):
-        from .._docs import see
+        from .fsdp1 import FSDP1Engine
 
-        raise NotImplementedError(
-            "AdaScale does not support FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) yet: its "
-            "FlatParameters receive FSDP's reduce-scattered gradient, not each rank's micro-gradient, so "
-            "the gain would be silently wrong. Use FSDP2 (torch.distributed.fsdp.fully_shard; Accelerate: "
-            "fsdp_version: 2), DDP or DeepSpeed ZeRO" + see("fsdp1-not-supported")
-        )
+        return FSDP1Engine()  # hooked at the first forward of the FSDP1 model, or by attach()
     if any(is_dtensor(p) for group in param_groups for p in group["params"]):
         from .fsdp2 import FSDP2Engine, check_not_mixed
 

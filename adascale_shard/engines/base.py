@@ -70,6 +70,12 @@ class Engine:
         """What :meth:`take_grad_sqr` is multiplied by to be the pre-clip value (1 by default)."""
         return 1.0
 
+    def grad_token(self, owner: torch.Tensor) -> tuple | None:
+        """What identifies the gradient accumulated in ``owner`` now (``None``: none): taken when a
+        backward pass closes and compared when the next opens, to notice a ``zero_grad`` between."""
+        grad = owner.grad
+        return None if grad is None else (id(grad), grad._version)
+
     def end_window(self) -> None:
         """The update consumed the window (or it was dropped): forget what it measured."""
 

@@ -64,7 +64,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .._compat import fsdp_mesh_info_classes, fsdp_param_groups, fsdp_state, is_dtensor, is_fsdp_module
+from .._compat import (
+    fsdp_mesh_info_classes,
+    fsdp_param_groups,
+    fsdp_state,
+    is_dtensor,
+    is_fsdp1_module,
+    is_fsdp_module,
+)
 from .._docs import see
 from .base import Engine, grad_sqr_norms
 
@@ -388,7 +395,15 @@ class AutoAttach:
         self._finalizer.detach()
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling() or not is_fsdp_module(module):
+        if torch.compiler.is_compiling():
+            return
+        if not is_fsdp_module(module):
+            if is_fsdp1_module(module):  # FSDP1: its flat parameters exist already, hook them now
+                optimizer = self._optimizer_ref()
+                if optimizer is not None:
+                    from .fsdp1 import first_forward
+
+                    first_forward(optimizer, module)
             return
         optimizer = self._optimizer_ref()
         if optimizer is None:
