@@ -18,6 +18,7 @@ from .capture import MicroGradCapture
 from .config import AdaScaleConfig
 from .distributed import rank_and_world_size, start_all_reduce_sum, world_size
 from .engines import Engine, select_engine
+from .engines.zero_redundancy import refuse_inside_zero_redundancy
 from .estimators import STATE_FORMAT_VERSION, Estimator
 
 __all__ = ["AdaScale", "resolve_optimizer_class", "STATE_DICT_KEY", "STATE_FORMAT_VERSION"]
@@ -174,6 +175,7 @@ class AdaScale(torch.optim.Optimizer):
         process_group: dist.ProcessGroup | None = None,
         **base_kwargs: Any,
     ) -> None:
+        refuse_inside_zero_redundancy()
         self.config = AdaScaleConfig(
             scale=scale, smoothing=smoothing, lr_scaling=lr_scaling, min_relative_var=min_relative_var
         )

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..capture import MicroGradCapture
     from ..optimizer import AdaScale
 
-__all__ = ["attach", "WrapperNormEngine", "refuse_unscaled_fp16_step"]
+__all__ = ["attach", "check_zero_layout", "WrapperNormEngine", "refuse_unscaled_fp16_step"]
 
 
 def _loss_scale(wrapper: Any) -> float:
@@ -40,6 +40,26 @@ def _loss_scale(wrapper: Any) -> float:
         scale = getattr(wrapper, "cur_scale", 1.0)
     scale = float(scale)
     return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
+def check_zero_layout(engine: Any) -> None:
+    """Refuse the ZeRO layouts whose statistics are not proven exact (called at
+    ``deepspeed.initialize``, before :func:`attach`).
+
+    * ZeRO++ hpZ (``zero_hpz_partition_size`` > 1, ZeRO-3): a secondary copy of the parameters
+      partitioned within a node; not run against the single-process reference here, so refused
+      rather than trusted.
+    * MiCS (``mics_shard_size``): DeepSpeed 0.19.8 removed it and refuses the key itself
+      (``runtime/config.py``, ``_REMOVED_ZERO_CONFIG_KEYS``); nothing to check here.
+    """
+    hpz = int(getattr(engine, "zero_hpz_partition_size", lambda: 1)() or 1)
+    if engine.zero_optimization_stage() == 3 and hpz > 1:
+        raise NotImplementedError(
+            f"AdaScale does not support ZeRO++ hierarchical partitioning yet "
+            f"(zero_optimization.zero_hpz_partition_size={hpz} with ZeRO-3): its statistics are not "
+            "verified against the single-process reference. Remove zero_hpz_partition_size (or set "
+            "it to 1) from the DeepSpeed config" + see("zero-hpz-not-supported")
+        )
 
 
 def attach(engine: Any, adascale: AdaScale) -> None:

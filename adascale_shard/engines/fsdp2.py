@@ -17,6 +17,18 @@ Where the two squared norms come from:
   over ranks inside the one all-reduce the optimizer already does per update
   (:class:`FSDP2Engine`); they are taken when the last backward pass ends,
   so ``clip_grad_norm_`` between backward and ``step()`` does not change them.
+* HSDP (a 2-D ``(replicate, shard)`` mesh, ``HSDPMeshInfo``): FSDP2 reduce-scatters over the shard
+  group and then all-reduces over the replicate group, both with ``ReduceOp.AVG`` by default
+  (``_get_gradient_divide_factors``: one factor ``shard x replicate``), so every replica's sharded
+  ``.grad`` holds the same shard of ``G``, the mean over all ``W = shard x replicate`` ranks;
+  with ``set_requires_gradient_sync(False)`` nothing is reduced, with ``set_requires_all_reduce
+  (False)`` the reduce-scatter output waits in FSDP2's partial buffer (not in ``.grad``) until a
+  pass that all-reduces. The micro-gradient hooks fire on every rank as on a 1-D mesh, and the
+  optimizer's all-reduce (over ``W`` ranks) sums them. For ``||G||^2`` only the shards of
+  replicate-rank 0 are counted (the other replicas' are the same numbers): each element of ``G``
+  once, exactly, for any replicate size (dividing a sum of ``R`` copies by ``R`` would round when
+  ``R`` is not a power of two), and no second norm kernel. AdaScale's process group must have
+  ``shard x replicate`` ranks.
 
 When the hooks attach: :func:`attach` registers a forward pre-hook on every module that
 ``fully_shard`` was applied to. It runs after FSDP2's own pre-hook (FSDP2 prepends its hook), when
@@ -39,8 +51,9 @@ module already running, so that module's unsharded parameters are hooked by a on
 hook when its forward ends, before any backward pass: the same hooks as an explicit
 :func:`attach`, the same statistics.
 
-Limits: 1-D meshes only (no HSDP, no FSDP2 + tensor parallelism), and every trainable parameter
-of the optimizer must be sharded by ``fully_shard`` (wrap the root module too).
+Limits: a 1-D mesh or a 2-D HSDP mesh (no FSDP2 + tensor parallelism, no ``replicate()`` alone,
+no SPMD mesh with data-parallel dims), and every trainable parameter of the optimizer must be
+sharded by ``fully_shard`` (wrap the root module too).
 
 Why ``||G||^2`` is complete when it is taken: the capture snapshots ``.grad`` in a callback
 that it queues on the autograd engine at the first hooked gradient of a backward pass (and queues
@@ -115,7 +128,11 @@ class FSDP2Engine(Engine):
         return True
 
     def on_pass_closed(self, capture: MicroGradCapture) -> None:
-        self._grad_sqr = grad_sqr_norms(capture.groups, capture.device)
+        groups = capture.groups
+        skip = self.hooks.replica_copies if self.hooks is not None else None
+        if skip:  # HSDP: one replica's shards, each counted once over the ranks
+            groups = [[p for p in params if id(p) not in skip] for params in groups]
+        self._grad_sqr = grad_sqr_norms(groups, capture.device)
 
     def take_grad_sqr(self, capture: MicroGradCapture) -> tuple[torch.Tensor, torch.Tensor]:
         if self._grad_sqr is None:
@@ -146,33 +163,77 @@ def _fsdp_states(model: nn.Module) -> list[Any]:
     return states
 
 
+def _layout(mesh_info: Any) -> str:
+    """``"1-D"`` (plain sharding), ``"HSDP"`` (a 2-D (replicate, shard) mesh), or a description of
+    a layout AdaScale refuses."""
+    FSDPMeshInfo, DDPMeshInfo = fsdp_mesh_info_classes()
+    sharded, replicated = isinstance(mesh_info, FSDPMeshInfo), isinstance(mesh_info, DDPMeshInfo)
+    ndim = mesh_info.mesh.ndim
+    if getattr(mesh_info, "is_spmd_mesh", False):  # dp_mesh_dims: data parallel dims of a larger mesh (TP)
+        return f"a {ndim}-D SPMD mesh with data-parallel dims {mesh_info.dp_mesh_dims} ({type(mesh_info).__name__})"
+    if sharded and not replicated and ndim == 1:
+        return "1-D"
+    if sharded and replicated and ndim == 2:
+        return "HSDP"
+    if replicated and not sharded:
+        return f"replicate() without sharding ({type(mesh_info).__name__}) on a {ndim}-D mesh"
+    return f"{type(mesh_info).__name__} on a {ndim}-D mesh"
+
+
+def data_parallel_size(mesh_info: Any) -> int:
+    """The ranks whose micro-gradients FSDP2 averages for a parameter group: the shard group's
+    size, times the replicate group's under HSDP."""
+    replicas = mesh_info.replicate_mesh_size if _layout(mesh_info) == "HSDP" else 1
+    return mesh_info.shard_mesh_size * replicas
+
+
 def _check_group(param_group: Any, ranks: int) -> None:
     """Refuse the FSDP2 layouts whose reduced gradient is not the mean of the micro-gradients
     over ``ranks`` (the estimator's normalisation)."""
-    FSDPMeshInfo, DDPMeshInfo = fsdp_mesh_info_classes()
     mesh_info = param_group.mesh_info
     name = param_group._module_fqn or "<module>"
-    plain = isinstance(mesh_info, FSDPMeshInfo) and not isinstance(mesh_info, DDPMeshInfo)
-    if not plain or mesh_info.mesh.ndim != 1:
+    layout = _layout(mesh_info)
+    if layout not in ("1-D", "HSDP"):
         raise NotImplementedError(
-            f"AdaScale on FSDP2 supports a 1-D device mesh (plain sharding); {name} uses "
-            f"{type(mesh_info).__name__} on a {mesh_info.mesh.ndim}-D mesh (HSDP / replicate / "
-            "2-D). Use fully_shard(module, mesh=init_device_mesh(device, (world_size,)))" + see("fsdp2-mesh-is-not-1-d")
+            f"AdaScale on FSDP2 supports a 1-D device mesh (plain sharding) or a 2-D (replicate, shard) "
+            f"mesh (HSDP); {name} uses {layout}. Use fully_shard(module, mesh=init_device_mesh(device, "
+            "(world_size,))) or, for HSDP, mesh=init_device_mesh(device, (replicas, shards), "
+            "mesh_dim_names=('replicate', 'shard')); for replicate() alone use DDP" + see("fsdp2-mesh-layout-not-supported")
         )
-    if mesh_info.shard_mesh_size != ranks:
+    size = data_parallel_size(mesh_info)
+    if size != ranks:
+        over = (
+            f"{mesh_info.replicate_mesh_size} replicas x {mesh_info.shard_mesh_size} shards = {size} ranks"
+            if layout == "HSDP"
+            else str(size)
+        )
         raise ValueError(
-            f"AdaScale's process group has {ranks} ranks but FSDP2 shards {name} over "
-            f"{mesh_info.shard_mesh_size}: pass AdaScale(..., process_group=<the FSDP2 mesh's group>)"
-            + see("fsdp2-process-group-differs")
+            f"AdaScale's process group has {ranks} ranks but FSDP2 averages the gradients of {name} over "
+            f"{over}: pass AdaScale(..., process_group=<the FSDP2 mesh's group>) (the default, the "
+            "whole world, is right when the mesh spans every rank)" + see("fsdp2-process-group-differs")
         )
     factor = param_group.gradient_divide_factor
-    if factor is not None and factor != mesh_info.shard_mesh_size:
+    if factor is not None and factor != size:
         raise ValueError(
             f"{name} has set_gradient_divide_factor({factor}); AdaScale needs FSDP2's default "
-            f"average over the {mesh_info.shard_mesh_size} ranks (the applied gradient must be the "
+            f"average over the {size} ranks (the applied gradient must be the "
             "mean of the micro-gradients). Remove the custom divide factor and scale the loss instead"
             + see("fsdp2-gradient-divide-factor")
         )
+
+
+def _replica_copies(states: Sequence[Any]) -> set[int]:
+    """The ids of the sharded parameters whose local shard is a copy of another replica's: under
+    HSDP every replica holds the same reduced shards, and only replicate-rank 0's are counted in
+    ``||G||^2``."""
+    _, DDPMeshInfo = fsdp_mesh_info_classes()
+    return {
+        id(fsdp_param.sharded_param)
+        for state in states
+        for param_group in fsdp_param_groups(state)
+        if isinstance(param_group.mesh_info, DDPMeshInfo) and param_group.mesh_info.replicate_mesh_rank != 0
+        for fsdp_param in param_group.fsdp_params
+    }
 
 
 class FSDP2Hooks:
@@ -191,6 +252,7 @@ class FSDP2Hooks:
         self._optimizer_ref = weakref.ref(optimizer)
         self._ranks = world_size(optimizer.process_group)
         self._states = list(states)
+        self.replica_copies = _replica_copies(self._states)  # not counted in ||G||^2 (HSDP)
         self._hooked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._group_of: dict[int, int] = {}
         self._signature: tuple[tuple[int, int, int], ...] = ()

@@ -156,6 +156,7 @@ def patch_engine(module: Any) -> None:
     def _configure_optimizer(self, client_optimizer, model_parameters):
         configure_optimizer(self, client_optimizer, model_parameters)
         if isinstance(getattr(self, "basic_optimizer", None), AdaScale):
+            engines_deepspeed.check_zero_layout(self)
             engines_deepspeed.attach(self, self.basic_optimizer)
 
     def _configure_lr_scheduler(self, *args, **kwargs):
