@@ -101,9 +101,11 @@ def _config(stage: int, dtype: str, offload: dict, base: str, lr: float | None =
     config = ds_config(stage, ACCUMULATION, dtype="bf16" if dtype == "bf16" else "fp32", **extra)
     config["gradient_clipping"] = CLIP
     config["zero_optimization"].update({key: dict(value) for key, value in offload.items()})
-    if base == "adamw":
+    if base.startswith("adamw"):
         # The HF docs' AdamW block with "AdamW" -> "AdaScale": no "optimizer" key, Adam's params.
         config["optimizer"]["params"] = {"lr": ADAM_LR, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": WEIGHT_DECAY}
+        if base == "adamw_torch":  # DeepSpeed's switch for torch's Adam: no DeepSpeedCPUAdam
+            config["optimizer"]["params"]["torch_adam"] = True
     else:
         config["optimizer"]["params"]["lr"] = SGD_LR
     if lr is not None:
@@ -205,6 +207,7 @@ REFUSED = {
 @pytest.fixture(scope="module")
 def results() -> dict:
     cases = [Case(name, train_offload, (stage, dtype, offload, base)) for name, stage, dtype, offload, base in TRAINED]
+    cases.append(Case("torch_adam_zero2_optimizer_cpu", train_offload, (2, "fp32", OPTIMIZER_CPU, "adamw_torch")))
     cases.append(Case("python_path_zero2_optimizer_cpu", train_offload, (2, "fp32", OPTIMIZER_CPU, "sgd", "python")))
     cases += [Case(name, refused, args) for name, args in REFUSED.items()]
     per_rank = run_cases(cases, 2, timeout=900, env={"DS_ACCELERATOR": "cpu"})
@@ -279,6 +282,19 @@ def test_fp16_offload_equals_the_fp32_reference(results, name, stage, dtype, off
 def test_cpu_adam_is_wrapped_with_an_info_line(results):
     logs = results["rank0"]["adamw_zero2_optimizer_cpu"]["logs"]
     assert any("the base optimizer is DeepSpeed's DeepSpeedCPUAdam" in line for line in logs), logs
+
+
+def test_torch_adam_keeps_torch_adamw_with_an_info_line(results):
+    """"torch_adam": true (DeepSpeed's own switch): torch.optim.AdamW steps on the CPU, exact as well."""
+    run, other = results["rank0"]["torch_adam_zero2_optimizer_cpu"], results["rank1"]["torch_adam_zero2_optimizer_cpu"]
+    assert run["base"] == "AdamW"
+    assert any('not DeepSpeedCPUAdam: "torch_adam": true' in line for line in run["logs"]), run["logs"]
+    ref = reference("adamw")
+    assert run["gain"] == other["gain"]
+    for u in range(UPDATES):
+        assert run["gain"][u] == pytest.approx(ref["gain"][u], rel=FP32_RTOL)
+        for p, q in zip(run["params"][u], ref["params"][u]):
+            torch.testing.assert_close(p, q, rtol=FP32_RTOL, atol=FP32_ATOL)
 
 
 def test_python_path_needs_no_offload_flags(results):
