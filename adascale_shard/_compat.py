@@ -31,6 +31,7 @@ __all__ = [
     "fsdp_param_groups",
     "fsdp_mesh_info_classes",
     "global_grad_norm",
+    "deepspeed_adam_configuration",
     "accelerator_optimizers",
     "is_fsdp1_module",
     "fsdp1_modules",
@@ -164,6 +165,20 @@ def global_grad_norm(wrapper: Any) -> Any:
             see("deepspeed-wrapper-has-no-global-grad-norm"),
         )
     return wrapper._global_grad_norm
+
+
+def deepspeed_adam_configuration(engine: Any) -> Callable[..., tuple[Any, dict[str, Any]]]:
+    """``DeepSpeedEngine.get_optimizer_configuration``: the Adam class and keyword arguments that
+    DeepSpeed's own ``"type": "AdamW"`` block uses (``DeepSpeedCPUAdam`` under ZeRO-Offload)."""
+    method = getattr(engine, "get_optimizer_configuration", None)
+    if method is None:
+        raise missing(
+            "DeepSpeedEngine.get_optimizer_configuration (the Adam that DeepSpeed picks for ZeRO-Offload)",
+            "DeepSpeed",
+            DEEPSPEED_INSTALL,
+            see("a-private-api-is-missing"),
+        )
+    return method
 
 
 def accelerator_optimizers(accelerator: Any) -> list[Any]:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..capture import MicroGradCapture
     from ..optimizer import AdaScale
 
-__all__ = ["attach", "check_zero_layout", "WrapperNormEngine", "refuse_unscaled_fp16_step"]
+__all__ = ["attach", "check_offload", "check_zero_layout", "WrapperNormEngine", "refuse_unscaled_fp16_step"]
 
 
 def _loss_scale(wrapper: Any) -> float:
@@ -62,13 +62,47 @@ def check_zero_layout(engine: Any) -> None:
         )
 
 
+def _device(config: Any) -> str:
+    device = getattr(config, "device", "none")
+    return str(getattr(device, "value", device))
+
+
+def _offload_setting(engine: Any, name: str) -> Any:
+    """``zero_optimization.<name>`` when it offloads somewhere (``"device"`` not ``"none"``)."""
+    config = getattr(engine, f"zero_{name}")() if engine.zero_optimization() else None
+    return config if config is not None and _device(config) != "none" else None
+
+
+def check_offload(engine: Any) -> None:
+    """Refuse, before DeepSpeed builds its ZeRO wrapper around AdaScale, the ZeRO-Offload variants
+    whose statistics were not checked. ``offload_optimizer`` and ``offload_param`` to the CPU are
+    supported: DeepSpeed reduces, offloads and measures ``_global_grad_norm`` after the capture's
+    hooks have read the local micro-gradients (tests/distributed/test_deepspeed_offload.py)."""
+    for name in ("offload_optimizer", "offload_param"):
+        config = _offload_setting(engine, name)
+        if config is not None and _device(config) == "nvme":
+            raise ValueError(
+                f'AdaScale does not support zero_optimization.{name} with "device": "nvme" (NVMe '
+                "offload needs DeepSpeed's async_io op and libaio, and AdaScale's statistics were not "
+                f'checked with it): use "{name}": {{"device": "cpu"}}, or remove {name}'
+                + see("zero-offload-to-nvme-not-supported")
+            )
+    config = _offload_setting(engine, "offload_optimizer")
+    if config is None:
+        return
+    ratio, super_offload = float(getattr(config, "ratio", 1.0)), bool(getattr(config, "super_offload", False))
+    if ratio != 1.0 or super_offload or getattr(engine, "zenflow", False):
+        which = "ratio" if ratio != 1.0 else "super_offload" if super_offload else "zenflow"
+        raise ValueError(
+            f"AdaScale does not support partial ZeRO-Offload (zero_optimization.offload_optimizer.{which}"
+            f"{'=' + format(ratio, 'g') if which == 'ratio' else ''}): DeepSpeed then steps a part of the "
+            "parameters with its own second optimizer, outside AdaScale. Offload all optimizer states: "
+            f'remove "{which}" (ratio 1.0, the default)' + see("partial-zero-offload-not-supported")
+        )
+
+
 def attach(engine: Any, adascale: AdaScale) -> None:
     """Install the engine for the way DeepSpeed wrapped ``adascale`` (before training starts)."""
-    if engine.zero_optimization() and getattr(engine, "zero_cpu_offload", lambda: False)():
-        raise ValueError(
-            "AdaScale does not support ZeRO-Offload yet (zero_optimization.offload_optimizer): "
-            "remove offload_optimizer from the DeepSpeed config" + see("zero-offload-not-supported")
-        )
     # The JSON knows the global batch: a scale beyond it would need a base batch under one sample.
     scale, global_batch = adascale.config.scale, engine.train_batch_size()
     if scale is not None and scale > global_batch:

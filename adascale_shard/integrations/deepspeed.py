@@ -30,6 +30,9 @@ import os
 import sys
 from typing import Any
 
+import torch
+
+from .._compat import deepspeed_adam_configuration
 from .._docs import see
 from ..config import AdaScaleConfig
 from ..engines import deepspeed as engines_deepspeed
@@ -150,11 +153,23 @@ def patch_engine(module: Any) -> None:
 
     def _configure_basic_optimizer(self, model_parameters):
         if str(self.optimizer_name()).lower() == OPTIMIZER_TYPE:
-            return build_optimizer(model_parameters, self.optimizer_params())
+            return build_optimizer(model_parameters, self.optimizer_params(), engine=self)
         return configure_basic(self, model_parameters)
 
     def _configure_optimizer(self, client_optimizer, model_parameters):
-        configure_optimizer(self, client_optimizer, model_parameters)
+        client_adascale = isinstance(client_optimizer, AdaScale)
+        if client_adascale or (client_optimizer is None and str(self.optimizer_name()).lower() == OPTIMIZER_TYPE):
+            engines_deepspeed.check_offload(self)  # before DeepSpeed builds its offload buffers
+        if client_adascale and self.zero_use_cpu_optimizer():
+            # ZeRO-Offload refuses a client optimizer that is not DeepSpeedCPUAdam unless the JSON has
+            # "zero_force_ds_cpu_optimizer": false; AdaScale steps its base optimizer on the CPU.
+            self.zero_force_ds_cpu_optimizer = lambda: False
+            try:
+                configure_optimizer(self, client_optimizer, model_parameters)
+            finally:
+                del self.zero_force_ds_cpu_optimizer
+        else:
+            configure_optimizer(self, client_optimizer, model_parameters)
         if isinstance(getattr(self, "basic_optimizer", None), AdaScale):
             engines_deepspeed.check_zero_layout(self)
             engines_deepspeed.attach(self, self.basic_optimizer)
@@ -245,8 +260,10 @@ def check_optimizer_block(config: Any) -> None:
         )
 
 
-def build_optimizer(model_parameters: Any, params: dict[str, Any] | None) -> AdaScale:
-    """AdaScale from a DeepSpeed JSON ``"params"`` block."""
+def build_optimizer(model_parameters: Any, params: dict[str, Any] | None, engine: Any = None) -> AdaScale:
+    """AdaScale from a DeepSpeed JSON ``"params"`` block. Under ZeRO-Offload (``engine`` given, its
+    optimizer states on the CPU) an Adam/AdamW base is DeepSpeed's ``DeepSpeedCPUAdam``, as for
+    DeepSpeed's own ``"type": "AdamW"``."""
     params = dict(params or {})
     if "max_grad_norm" in params:
         raise ValueError(
@@ -263,9 +280,72 @@ def build_optimizer(model_parameters: Any, params: dict[str, Any] | None) -> Ada
         raise ValueError(
             f"AdaScale JSON params: lr={params['lr']!r} is not a number" + see("lr-auto-not-resolved")
         )
+    torch_adam = bool(params.get("torch_adam", False))  # read before _with_base_optimizer drops it
     params = _with_base_optimizer(params)
     own, rest = AdaScaleConfig.split_kwargs(params)
-    return AdaScale(model_parameters, **{k: getattr(own, k) for k in AdaScaleConfig.field_names()}, **rest)
+    settings = {k: getattr(own, k) for k in AdaScaleConfig.field_names()}
+    if engine is not None and engine.zero_use_cpu_optimizer():
+        model_parameters = list(model_parameters)
+        base = _offload_adam(engine, model_parameters, rest, torch_adam)
+        if base is not None:
+            return AdaScale(base, **settings)
+    rest.pop("fp32_optimizer_states", None)  # DeepSpeedCPUAdam's; no torch optimizer takes it
+    return AdaScale(model_parameters, **settings, **rest)
+
+
+# What DeepSpeedCPUAdam takes besides the parameters (amsgrad only as False).
+_CPU_ADAM_KWARGS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "amsgrad", "fp32_optimizer_states")
+
+
+def _offload_adam(engine: Any, model_parameters: list[Any], rest: dict[str, Any], torch_adam: bool) -> Any:
+    """ZeRO-Offload with an Adam/AdamW base: ``DeepSpeedCPUAdam``, built the way DeepSpeed builds it
+    for its own ``"type": "AdamW"`` (``get_optimizer_configuration``), with torch's defaults for what
+    the JSON leaves out (AdamW's ``weight_decay`` is 0.01 in torch, 0 in DeepSpeedCPUAdam), so
+    offloading does not change the training. ``None``: keep the torch optimizer, with an INFO line."""
+    import inspect
+
+    name = str(rest.get("optimizer", "")).lower()
+    if name not in ("adam", "adamw"):
+        return None
+    torch_cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    kwargs = {key: value for key, value in rest.items() if key != "optimizer"}
+    other = sorted(set(kwargs) - set(_CPU_ADAM_KWARGS)) + (["amsgrad"] if kwargs.get("amsgrad") else [])
+    reason = None
+    if torch_adam:
+        reason = '"torch_adam": true'
+    elif other:
+        reason = f"DeepSpeedCPUAdam does not take {other}"
+    else:
+        defaults = inspect.signature(torch_cls).parameters
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            kwargs.setdefault(key, defaults[key].default)
+        kwargs.pop("amsgrad", None)
+        adam_kwargs = {"fp32_optimizer_states": kwargs.pop("fp32_optimizer_states")} if "fp32_optimizer_states" in kwargs else {}
+        try:
+            cls, extra = deepspeed_adam_configuration(engine)(adam_kwargs, name == "adamw")
+            base = cls(model_parameters, **kwargs, **extra)
+        except RuntimeError as err:  # the cpu_adam op did not build or load
+            reason = f"{type(err).__name__}: {err}" + (f" ({err.__cause__})" if err.__cause__ else "")
+        else:
+            if getattr(base, "adam_w_mode", False):
+                for group in base.param_groups:  # AdaScale scales decoupled weight decay (lr_scaling "sqrt")
+                    group["decoupled_weight_decay"] = True
+            logger.info(
+                "AdaScale under ZeRO-Offload: the base optimizer is DeepSpeed's %s (%s), as for DeepSpeed's own "
+                '"type": "%s"',
+                type(base).__name__,
+                "AdamW" if name == "adamw" else "Adam",
+                torch_cls.__name__,
+            )
+            return base
+    rest.pop("fp32_optimizer_states", None)
+    logger.info(
+        "AdaScale under ZeRO-Offload: the base optimizer is torch.optim.%s, stepped on the CPU, not "
+        "DeepSpeedCPUAdam: %s",
+        torch_cls.__name__,
+        reason,
+    )
+    return None
 
 
 # The params of DeepSpeed's own Adam types that choose an implementation, not a hyper-parameter.

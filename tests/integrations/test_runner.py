@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ZERO_CODE = ROOT / "tests" / "zero_code"
 HF_DOCS_JSON = ROOT / "configs" / "zero2_hf_docs.json"
+# The HF docs' ZeRO-Offload JSONs, "AdamW" -> "AdaScale" and nothing else: AdaScale wraps DeepSpeedCPUAdam.
+OFFLOAD_JSONS = {2: ROOT / "configs" / "zero2_offload_hf_docs.json", 3: ROOT / "configs" / "zero3_offload_hf_docs.json"}
 MAX_STEPS = 20
 LR = 1e-3
 WARMUP = 5
@@ -127,6 +129,14 @@ def launches(tmp_path_factory):
         "torchrun WarmupLR ZeRO-2": lambda out: [
             str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "adascale_shard.run", *_trainer_args(out, HF_DOCS_JSON)
         ],
+        **{
+            f"torchrun WarmupLR ZeRO-{stage} offload": (
+                lambda out, config=config: [
+                    str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "adascale_shard.run", *_trainer_args(out, config)
+                ]
+            )
+            for stage, config in OFFLOAD_JSONS.items()
+        },
         "deepspeed WarmupDecayLR ZeRO-1": lambda out: [
             str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "adascale_shard.run",
             *_trainer_args(out, _json_with(tmp, "decay", SCHEDULERS["WarmupDecayLR"], 1)),
@@ -188,7 +198,7 @@ def _result(launches, name):
 
 TRAINER_RUNS = [
     "torchrun WarmupLR ZeRO-2", "deepspeed WarmupDecayLR ZeRO-1", "accelerate WarmupCosineLR ZeRO-2", "torchrun OneCycle ZeRO-2",
-    "TRL SFT LoRA torchrun WarmupLR ZeRO-2",
+    "TRL SFT LoRA torchrun WarmupLR ZeRO-2", "torchrun WarmupLR ZeRO-2 offload", "torchrun WarmupLR ZeRO-3 offload",
 ]
 
 
@@ -208,7 +218,11 @@ def _expected_lr(block: dict, iteration: int, lr: float) -> float:
 @pytest.mark.parametrize("name", TRAINER_RUNS)
 def test_a_trainer_script_gets_the_whole_of_adascale_from_its_json(launches, name):
     result = _result(launches, name)
-    assert result["optimizers"][-2:] == ["AdaScale", "AdamW"]  # Adam's params in the JSON: AdamW is the base
+    # Adam's params in the JSON: AdamW is the base; under ZeRO-Offload DeepSpeed's CPU AdamW.
+    assert result["optimizers"][-2:] == ["AdaScale", "DeepSpeedCPUAdam" if name.endswith("offload") else "AdamW"]
+    if name.endswith("offload"):
+        assert result["optimizers"][1] == ("DeepSpeedZeroOptimizer_Stage3" if "ZeRO-3" in name else "DeepSpeedZeroOptimizer")
+        assert max(r["adascale/gain"] for r in result["log_history"] if "adascale/gain" in r) > 1.1
     records = [r for r in result["log_history"] if "adascale/tau" in r]
     assert len(records) == result["global_step"] < MAX_STEPS == result["max_steps"]
     assert records[-1]["adascale/tau"] >= MAX_STEPS > records[-2]["adascale/tau"]  # stopped at the budget

@@ -38,6 +38,13 @@ def datasets(samples: int):
 def main() -> None:
     script_args, args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
     torch.manual_seed(args.seed)
+    if args.deepspeed and args.use_cpu:
+        # On GPUs Accelerate's PartialState starts DeepSpeed's communication backend; with --use_cpu it
+        # starts torch.distributed only, and ZeRO-3's zero.Init (from_config under a ZeRO-3 JSON) would
+        # see one process. Not AdaScale's: the same with "type": "AdamW".
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     config = GPT2Config(vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=2)
     model = AutoModelForCausalLM.from_config(config)
     train, val = datasets(script_args.samples)
