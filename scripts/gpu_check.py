@@ -413,6 +413,40 @@ def deepspeed_worker(rank: int, world: int, spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The checks: launches, rows, table.
 # ---------------------------------------------------------------------------------------------
+def fsdp1_worker(rank: int, world: int, spec: dict) -> dict:
+    """FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True`` as Accelerate and the HF Trainer
+    build it): fc1, fc2 as units under the root, ``no_sync()`` on the first micro-step, no attach call
+    (AdaScale hooks the flat parameters at the first forward); ``spec["dtype"]`` "bf16" adds
+    ``MixedPrecision(param_dtype=bf16, reduce_dtype=fp32)`` (and lr 0)."""
+    import contextlib
+
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from adascale_shard import AdaScale
+
+    device = _device(rank, spec)
+    bf16 = spec["dtype"] == "bf16"
+    kwargs = {"device_id": device, "use_orig_params": True, "auto_wrap_policy": ModuleWrapPolicy({torch.nn.Linear})}
+    if bf16:
+        kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = FullyShardedDataParallel(_model(), **kwargs)
+    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=0.0 if bf16 else LR, momentum=MOMENTUM))
+    out = {"gain": [], "N": [], "notes": []}
+    for u in range(spec["updates"]):
+        for k in range(ACCUMULATION):
+            with model.no_sync() if k < ACCUMULATION - 1 else contextlib.nullcontext():
+                x, y = micro_batch(u, rank * ACCUMULATION + k)
+                loss = torch.nn.functional.mse_loss(model(x.to(device)).float(), y.to(device))
+                (loss / ACCUMULATION).backward()
+        opt.step()
+        opt.zero_grad()
+        _record_update(out, opt)
+    out.update(_capture_facts(opt))
+    return out
+
+
 def build_plan(device: str, updates: int, merge_deepspeed: bool = False) -> list[dict]:
     """Launches (each a separate set of 2 processes, so that one that breaks costs only its own
     rows) and, per case, what its row compares. ``merge_deepspeed`` (``--quick``) runs the two
@@ -433,11 +467,15 @@ def build_plan(device: str, updates: int, merge_deepspeed: bool = False) -> list
                 ("ddp-move-after", "ddp_worker", spec(move="after")),
                 ("fsdp2-fp32", "fsdp2_worker", spec(dtype="fp32")),
                 ("fsdp2-bf16", "fsdp2_worker", spec(dtype="bf16")),
+                ("fsdp1-fp32", "fsdp1_worker", spec(dtype="fp32")),
+                ("fsdp1-bf16", "fsdp1_worker", spec(dtype="bf16")),
             ],
             "rows": [
                 ("gain vs reference", "ddp", "fp32", "ddp", "ref-fp32", FP32_TOL),
                 ("gain vs reference", "fsdp2", "fp32", "fsdp2-fp32", "ref-fp32", FP32_TOL),
                 ("gain vs reference", "fsdp2", "bf16 MixedPrecisionPolicy", "fsdp2-bf16", "ref-bf16", BF16_TOL),
+                ("gain vs reference", "fsdp1", "fp32", "fsdp1-fp32", "ref-fp32", FP32_TOL),
+                ("gain vs reference", "fsdp1", "bf16 MixedPrecision", "fsdp1-bf16", "ref-bf16", BF16_TOL),
                 ("AdaScale built before move", "ddp", moved, "ddp-move-before", "case:ddp-move-after", MOVE_TOL),
             ],
         },

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # AdaScale's device-sensitive checks on CUDA, in one command of at most 10 minutes on one GPU
-# (docs/gpu.md): DDP, FSDP2 (fp32, bf16 mixed precision), DeepSpeed ZeRO-0/1/2/3 (fp16 with a
+# (docs/gpu.md): DDP, FSDP2 and FSDP1 (fp32, bf16 mixed precision), DeepSpeed ZeRO-0/1/2/3 (fp16 with a
 # growing loss scale, bf16) against a single-process fp32 reference, AdaScale built before
 # model.to("cuda"), and the overhead benchmark on the GPU. Prints one table; exit code 0 when
 # every check passes, 1 when one fails, 2 when some were skipped (DeepSpeed missing, time budget).

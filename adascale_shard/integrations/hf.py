@@ -351,7 +351,7 @@ class AdaScaleCallback(TrainerCallback):
                 "weigh by their token counts; with unequal counts the gain is an approximation "
                 "(|error| <= CV^2 of the counts; docs/trainer.md#variable-length-batches-sft)"
             )
-        if model is not None and _is_fsdp2(model):
+        if model is not None and _is_sharded(model):  # FSDP2 or FSDP1: hook before the first forward
             adascale.attach(model)
         elif getattr(args, "fsdp", None) and args.world_size > 1:
             # Accelerate applies FSDP only on accelerator devices; on CPU the Trainer runs DDP.
@@ -398,7 +398,7 @@ def _check_data_parallel(args: Any, trainer: Any) -> None:
     if trainer is None or args.world_size <= 1 or getattr(trainer, "is_deepspeed_enabled", False):
         return
     wrapped = getattr(trainer, "model_wrapped", None)
-    if wrapped is None or _is_fsdp2(wrapped) or isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+    if wrapped is None or _is_sharded(wrapped) or isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         return
     raise RuntimeError(
         f"the Trainer runs {args.world_size} processes but its model is not wrapped for data parallelism "
@@ -408,12 +408,11 @@ def _check_data_parallel(args: Any, trainer: Any) -> None:
     )
 
 
-def _is_fsdp2(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``)."""
+    from .._compat import fsdp1_modules, is_fsdp_module
+
+    return any(is_fsdp_module(m) for m in model.modules()) or bool(fsdp1_modules(model))
 
 
 class AdaScaleFlowCallback(DefaultFlowCallback):

@@ -252,6 +252,19 @@ def refusals_case(rank: int, world_size: int) -> dict:
     opt = AdaScale(torch.optim.SGD(model.parameters(), lr=LR), process_group=solo)
     out["process_group"] = error_of(lambda: model(x))
 
+    # The HF Trainer's check that a multi-process model is wrapped for data parallelism accepts
+    # FSDP1 (the Trainer's --fsdp on an accelerator; on CPU Accelerate does not apply FSDP).
+    from types import SimpleNamespace
+
+    from adascale_shard.integrations.hf import _check_data_parallel, _is_sharded
+
+    model = wrap(case(orig=True))
+    trainer = SimpleNamespace(model_wrapped=model, is_deepspeed_enabled=False)
+    out["trainer_accepts_fsdp1"] = (
+        _is_sharded(model),
+        error_of(lambda: _check_data_parallel(SimpleNamespace(world_size=world_size), trainer)),
+    )
+
     # The forward ran before AdaScale was built and the gradients came from it: no pass recorded.
     model = wrap(case())
     loss = loss_fn("mlp", model, (x, y))
@@ -344,4 +357,5 @@ def test_refusals_name_fsdp1_and_the_fix(runs):
     assert "FSDP1" in out["frozen_mixed"] and "fsdp_auto_wrap_policy" in out["frozen_mixed"], out["frozen_mixed"]
     assert out["frozen_separate_units"][0] == 4.0 and out["frozen_separate_units"][1] > 1.0
     assert "FSDP1" in out["process_group"] and "process_group=" in out["process_group"], out["process_group"]
+    assert out["trainer_accepts_fsdp1"] == (True, None)
     assert "FSDP1" in out["forward_before_build"] and "attach(fsdp_model)" in out["forward_before_build"]

@@ -22,6 +22,8 @@ EXPECTED_PASS = [
     ("gain vs reference", "ddp", "fp32"),
     ("gain vs reference", "fsdp2", "fp32"),
     ("gain vs reference", "fsdp2", "bf16"),
+    ("gain vs reference", "fsdp1", "fp32"),
+    ("gain vs reference", "fsdp1", "bf16"),
     ("AdaScale built before move", "ddp", "fp32->fp64"),
     ("refused at initialize", "zero0", "fp16"),
     *[("gain vs reference", f"zero{stage}", "fp16") for stage in range(4)],
