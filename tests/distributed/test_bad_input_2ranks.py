@@ -126,8 +126,10 @@ class Regressor(nn.Module):
         return {"loss": nn.functional.mse_loss(self.net(x), labels)}
 
 
-def trainer_fsdp_on_cpu(rank: int, world: int, output_dir: str) -> dict:
-    """--fsdp on CPU: Accelerate silently trains with DDP; AdaScale says so in a warning."""
+def trainer_fsdp_on_cpu(rank: int, world: int, output_dir: str, version: int = 2) -> dict:
+    """--fsdp on CPU (FSDP2 or FSDP1): Accelerate silently trains with DDP; AdaScale says so in a
+    warning. (With FSDP1, Accelerate's plugin itself refuses the default sync_module_states=True on
+    CPU, hence False.)"""
     import logging
 
     try:
@@ -142,12 +144,15 @@ def trainer_fsdp_on_cpu(rank: int, world: int, output_dir: str) -> dict:
     logging.getLogger("adascale_shard").addHandler(handler)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     args = TrainingArguments(
-        output_dir=output_dir, use_cpu=True, fsdp="full_shard", fsdp_config={"fsdp_version": 2},
+        output_dir=output_dir, use_cpu=True, fsdp="full_shard auto_wrap", fsdp_config={"fsdp_version": version, "sync_module_states": False},
         per_device_train_batch_size=4, max_steps=2, logging_steps=1, save_strategy="no", report_to=[],
     )  # fmt: skip
-    trainer = Trainer(model=Regressor(), args=args, train_dataset=Pairs())
-    enable_adascale(trainer)
-    trainer.train()
+    try:
+        trainer = Trainer(model=Regressor(), args=args, train_dataset=Pairs())
+        enable_adascale(trainer)
+        trainer.train()
+    finally:
+        logging.getLogger("adascale_shard").removeHandler(handler)
     return {"wrapped": type(trainer.model_wrapped).__name__, "warnings": records}
 
 
@@ -158,6 +163,7 @@ def runs(tmp_path_factory):
         Case("fsdp2", fsdp2_errors),
         Case("trainer", trainer_without_use_cpu, (str(tmp_path_factory.mktemp("trainer")),)),
         Case("trainer_fsdp", trainer_fsdp_on_cpu, (str(tmp_path_factory.mktemp("trainer_fsdp")),)),
+        Case("trainer_fsdp1", trainer_fsdp_on_cpu, (str(tmp_path_factory.mktemp("trainer_fsdp1")), 1)),
     ]
     return run_cases(cases, world_size=2, timeout=240)
 
@@ -221,12 +227,14 @@ def test_fsdp2_gradients_that_did_not_pass_the_attached_hooks(runs):
         assert out["tau_after_never_fired"] == 0.0
 
 
-def test_trainer_fsdp_on_cpu_warns_that_it_runs_ddp(runs):
-    out = runs[0]["trainer_fsdp"]
+@pytest.mark.parametrize("case", ["trainer_fsdp", "trainer_fsdp1"])
+def test_trainer_fsdp_on_cpu_warns_that_it_runs_ddp(runs, case):
+    """FSDP2 and FSDP1 (fsdp_version 1, the Trainer's --fsdp "full_shard auto_wrap") alike."""
+    out = runs[0][case]
     if "skipped" in out:
         pytest.skip(out["skipped"])
     for rank in (0, 1):
-        out = runs[rank]["trainer_fsdp"]
+        out = runs[rank][case]
         assert out["wrapped"] == "DistributedDataParallel"
         warned = [m for m in out["warnings"] if "--fsdp was given but the model is not sharded" in m]
         assert len(warned) == 1 and "the Trainer fell back to DDP" in warned[0], out["warnings"]
