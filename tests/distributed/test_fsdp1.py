@@ -7,7 +7,8 @@ embeddings), SGD (lr 0.05, momentum 0.9), 6 updates:
 * FSDP1: 2 ranks (4 for ``HYBRID_SHARD``, a 2 x 2 device mesh), K = N / ranks micro-batches each
   (loss / K; FSDP1 averages over the ranks), ``device_id=torch.device("cpu")``, AdaScale built on
   the wrapped model's parameters and attached by itself at the first forward (no extra call), in
-  the modes of ``CASES``: ``FULL_SHARD``, ``SHARD_GRAD_OP``, ``NO_SHARD``, ``HYBRID_SHARD``;
+  the modes of ``CASES``: ``FULL_SHARD``, ``SHARD_GRAD_OP``, ``NO_SHARD``, ``HYBRID_SHARD``,
+  ``_HYBRID_SHARD_ZERO2``;
   flat parameters (torch's default ``use_orig_params=False``) and ``use_orig_params=True``;
   accumulation inside ``no_sync()`` or with a reduce-scatter after every backward; an auto-wrap
   policy or the root only; ``MixedPrecision`` (bf16 parameters, fp32 reduction);
@@ -87,6 +88,9 @@ CASES = {
     "4 ranks, HYBRID_SHARD, orig params, K=2, no_sync": case(
         strategy="HYBRID_SHARD", ranks=4, orig=True, micro_batches=8
     ),
+    "4 ranks, _HYBRID_SHARD_ZERO2, orig params, K=2, no_sync": case(
+        strategy="_HYBRID_SHARD_ZERO2", ranks=4, orig=True, micro_batches=8
+    ),
     "4 ranks, HYBRID_SHARD, flat, K=2, reduce every pass": case(
         strategy="HYBRID_SHARD", ranks=4, no_sync=False, micro_batches=8
     ),
@@ -150,7 +154,7 @@ def wrap(opts: dict) -> nn.Module:
         kw["auto_wrap_policy"] = ModuleWrapPolicy({type(unit) for unit in model.units()})
     if opts["bf16"]:
         kw["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if opts["strategy"] == "HYBRID_SHARD":
+    if "HYBRID" in opts["strategy"]:
         kw["device_mesh"] = init_device_mesh(
             "cpu", (dist.get_world_size() // 2, 2), mesh_dim_names=("replicate", "shard")
         )
