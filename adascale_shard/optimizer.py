@@ -198,6 +198,10 @@ class AdaScale(torch.optim.Optimizer):
         self._regrouped = False  # an engine merged the statistics into one group (DeepSpeed's wrappers)
         self._warned_nonfinite = False
         self._applied: tuple[list[float], float] | None = None  # (base lrs, lr factor) of the latest step
+        # Why this base optimizer (set by the integration that chose it), for the one INFO line
+        # that names what AdaScale wraps, logged by rank 0 at the first update (_announce).
+        self.base_note: str | None = None
+        self._announced = False
         self._engine: Engine = select_engine(self.optimizer.param_groups, self._rank_and_world_size)
         self._capture = self._new_capture()
         if self._capture.num_hooks == 0 and self._engine.hooks_parameters:
@@ -365,6 +369,8 @@ class AdaScale(torch.optim.Optimizer):
             self._seen_backward = True
             self._stop_auto_attach()
             self._update_statistics()
+            if not self._announced:
+                self._announce()
         elif not self._seen_backward:
             self._engine.check_hooks_fired(self.param_groups)  # gradients, but no recorded pass
         factor = self.lr_factor()
@@ -390,6 +396,29 @@ class AdaScale(torch.optim.Optimizer):
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         return rank_and_world_size(self.process_group)
+
+    def _announce(self) -> None:
+        """The one INFO line saying what AdaScale wraps, at the first update (when ``S`` and ``N``
+        are known), from rank 0 only; ``base_note`` says where the choice came from."""
+        self._announced = True
+        if self._rank_and_world_size()[0] != 0:
+            return
+        base = self.optimizer
+        name = type(base).__name__
+        module = type(base).__module__
+        if not module.startswith("torch.optim"):
+            name = f"{module.split('.')[0]}'s {name}"
+        lr = base.defaults.get("lr", self.param_groups[0].get("lr"))
+        rule = "lr x gain" if self.config.lr_scaling == "gain" else "lr x sqrt(gain)"
+        logger.info(
+            "AdaScale wraps %s (lr %s, S = %g, N = %d gradients per update, %s)%s",
+            name,
+            f"{float(lr):g}" if isinstance(lr, (int, float)) else lr,
+            self._estimator.scale,
+            self._estimator.num_micro,
+            rule,
+            f": {self.base_note}" if self.base_note else "",
+        )
 
     def _update_statistics(self) -> None:
         capture, engine, estimator = self._capture, self._engine, self._estimator

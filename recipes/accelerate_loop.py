@@ -7,6 +7,7 @@ Accelerate config it is launched with (from the repository root)::
     accelerate launch --config_file configs/accelerate_ddp.yaml recipes/accelerate_loop.py --cpu
     DS_ACCELERATOR=cpu accelerate launch --config_file configs/accelerate_zero2.yaml recipes/accelerate_loop.py
     DS_ACCELERATOR=cpu accelerate launch --config_file configs/accelerate_zero3.yaml recipes/accelerate_loop.py
+    DS_ACCELERATOR=cpu accelerate launch --config_file configs/accelerate_zero2_instance.yaml recipes/accelerate_loop.py
     accelerate launch --config_file configs/accelerate_fsdp2.yaml recipes/accelerate_loop.py    # GPUs only
     torchrun --standalone --nproc_per_node=2 recipes/accelerate_loop.py --manual_fsdp2      # FSDP2 on CPU
 
@@ -16,8 +17,12 @@ How AdaScale meets Accelerate here:
   ``accelerator.prepare``. Nothing more on FSDP2: Accelerate swaps the optimizer's parameters for
   the sharded ones in ``prepare``, and AdaScale attaches itself to the sharded model at its first
   forward (``adascale.attach(model)`` after ``prepare`` would do the same explicitly).
-* DeepSpeed: Accelerate's ``DummyOptim``; the JSON's ``"optimizer": {"type": "AdaScale"}`` block
-  builds AdaScale inside ``deepspeed.initialize`` (``import adascale_shard`` registers the type).
+* DeepSpeed with a JSON ``"optimizer": {"type": "AdaScale"}`` block (``configs/zero2.json``,
+  ``zero3.json``): Accelerate's ``DummyOptim``; the block builds AdaScale inside
+  ``deepspeed.initialize`` (``import adascale_shard`` registers the type).
+* DeepSpeed without an ``"optimizer"`` block (configured from the Accelerate YAML alone,
+  ``configs/accelerate_zero2_instance.yaml``): the same ``AdaScale(torch.optim.SGD(...))`` as on
+  DDP, which Accelerate hands to ``deepspeed.initialize``.
 * ``unwrap`` gets the AdaScale instance behind whatever ``prepare`` returned; the schedule
   (warm-up, cosine) is a ``LambdaLR`` on it, read at ``floor(tau)`` (``follow_tau``), stepped after
   each update and registered for checkpointing. It is not handed to ``prepare``: a torch scheduler
@@ -266,16 +271,22 @@ def output_dir(args: argparse.Namespace, engine: str) -> Path:
     return Path(args.output_dir) if args.output_dir else Path("outputs") / "accelerate_loop" / engine
 
 
-def check_deepspeed_config(config: dict, args: argparse.Namespace, source: str = "the DeepSpeed config") -> None:
-    """The DeepSpeed JSON (``config``, as Accelerate read it) must build AdaScale and agree with
-    the script's settings; its ``"auto"`` values are filled from them in place (Accelerate alone
-    would fill ``gradient_clipping`` with 1.0)."""
+def check_deepspeed_config(config: dict, args: argparse.Namespace, source: str = "the DeepSpeed config") -> bool:
+    """The DeepSpeed config (``config``, as Accelerate read it: a JSON file or the Accelerate YAML's
+    ``deepspeed_config`` fields) must build AdaScale, or build no optimizer, and agree with the
+    script's settings; its ``"auto"`` values are filled from them in place (Accelerate alone would
+    fill ``gradient_clipping`` with 1.0). True: the JSON's ``"optimizer"`` block builds AdaScale
+    (the script passes ``DummyOptim``); False: no block, the script passes an ``AdaScale``."""
     optimizer = config.get("optimizer")
+    if optimizer is None:
+        _fill_clipping(config, args, source)
+        return False
     if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() != "adascale":
         raise ValueError(
             f'{source} has no "optimizer": {{"type": "AdaScale", ...}} block (found {optimizer!r}): this '
-            "recipe builds AdaScale from the JSON through accelerate.utils.DummyOptim; use "
-            "configs/zero2.json or configs/zero3.json"
+            "recipe builds AdaScale from the JSON through accelerate.utils.DummyOptim, or passes an "
+            'AdaScale instance when the config has no "optimizer" block; use configs/zero2.json, '
+            "configs/zero3.json or configs/accelerate_zero2_instance.yaml"
         )
     params = optimizer.setdefault("params", {})
     wanted = {"lr": ("--learning_rate", args.learning_rate), "momentum": ("--momentum", args.momentum), "scale": ("--scale", args.scale)}
@@ -292,6 +303,11 @@ def check_deepspeed_config(config: dict, args: argparse.Namespace, source: str =
                 f'{source}: optimizer.params.{key}={saved!r} but {flag}={value!r}: set "{key}": "auto" '
                 "in the JSON, or pass the same value to the script"
             )
+    _fill_clipping(config, args, source)
+    return True
+
+
+def _fill_clipping(config: dict, args: argparse.Namespace, source: str) -> None:
     clipping = config.get("gradient_clipping", "auto")
     if clipping == "auto":
         config["gradient_clipping"] = args.max_grad_norm
@@ -369,11 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args)
     if args.manual_fsdp2:
         shard_fsdp2(model)
+    json_block = False
     if deepspeed:
-        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
-        check_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, args, source)
+        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the Accelerate config's deepspeed_config")
+        json_block = check_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, args, source)
+    if json_block:
         optimizer = DummyOptim(model.parameters(), lr=args.learning_rate)  # the JSON builds AdaScale
-    else:
+    else:  # DDP, FSDP2, and DeepSpeed without an "optimizer" block (deepspeed.initialize gets the instance)
         optimizer = AdaScale(
             torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum), scale=args.scale
         )
@@ -452,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         log.close()
         summary = {
             "engine": engine,
+            "optimizer_source": "the JSON block" if json_block else "an AdaScale instance",
             "processes": world,
             "gradient_accumulation_steps": accumulation,
             "budget": args.budget,

@@ -281,32 +281,40 @@ def build_optimizer(model_parameters: Any, params: dict[str, Any] | None, engine
             f"AdaScale JSON params: lr={params['lr']!r} is not a number" + see("lr-auto-not-resolved")
         )
     torch_adam = bool(params.get("torch_adam", False))  # read before _with_base_optimizer drops it
-    params = _with_base_optimizer(params)
+    params, notes = _with_base_optimizer(params)
     own, rest = AdaScaleConfig.split_kwargs(params)
     settings = {k: getattr(own, k) for k in AdaScaleConfig.field_names()}
+    adascale = None
     if engine is not None and engine.zero_use_cpu_optimizer():
         model_parameters = list(model_parameters)
-        base = _offload_adam(engine, model_parameters, rest, torch_adam)
+        base, note = _offload_adam(engine, model_parameters, rest, torch_adam)
+        notes += [note] if note else []
         if base is not None:
-            return AdaScale(base, **settings)
-    rest.pop("fp32_optimizer_states", None)  # DeepSpeedCPUAdam's; no torch optimizer takes it
-    return AdaScale(model_parameters, **settings, **rest)
+            adascale = AdaScale(base, **settings)
+    if adascale is None:
+        rest.pop("fp32_optimizer_states", None)  # DeepSpeedCPUAdam's; no torch optimizer takes it
+        adascale = AdaScale(model_parameters, **settings, **rest)
+    adascale.base_note = "; ".join(['the DeepSpeed JSON "optimizer" block', *notes])
+    return adascale
 
 
 # What DeepSpeedCPUAdam takes besides the parameters (amsgrad only as False).
 _CPU_ADAM_KWARGS = ("lr", "betas", "eps", "weight_decay", "bias_correction", "amsgrad", "fp32_optimizer_states")
 
 
-def _offload_adam(engine: Any, model_parameters: list[Any], rest: dict[str, Any], torch_adam: bool) -> Any:
+def _offload_adam(
+    engine: Any, model_parameters: list[Any], rest: dict[str, Any], torch_adam: bool
+) -> tuple[Any, str | None]:
     """ZeRO-Offload with an Adam/AdamW base: ``DeepSpeedCPUAdam``, built the way DeepSpeed builds it
     for its own ``"type": "AdamW"`` (``get_optimizer_configuration``), with torch's defaults for what
     the JSON leaves out (AdamW's ``weight_decay`` is 0.01 in torch, 0 in DeepSpeedCPUAdam), so
-    offloading does not change the training. ``None``: keep the torch optimizer, with an INFO line."""
+    offloading does not change the training. ``(None, why)``: keep the torch optimizer; the second
+    item is said in the INFO line that names what AdaScale wraps."""
     import inspect
 
     name = str(rest.get("optimizer", "")).lower()
     if name not in ("adam", "adamw"):
-        return None
+        return None, None
     torch_cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     kwargs = {key: value for key, value in rest.items() if key != "optimizer"}
     other = sorted(set(kwargs) - set(_CPU_ADAM_KWARGS)) + (["amsgrad"] if kwargs.get("amsgrad") else [])
@@ -330,43 +338,47 @@ def _offload_adam(engine: Any, model_parameters: list[Any], rest: dict[str, Any]
             if getattr(base, "adam_w_mode", False):
                 for group in base.param_groups:  # AdaScale scales decoupled weight decay (lr_scaling "sqrt")
                     group["decoupled_weight_decay"] = True
-            logger.info(
-                "AdaScale under ZeRO-Offload: the base optimizer is DeepSpeed's %s (%s), as for DeepSpeed's own "
-                '"type": "%s"',
-                type(base).__name__,
-                "AdamW" if name == "adamw" else "Adam",
-                torch_cls.__name__,
+            return base, (
+                f"under ZeRO-Offload the base optimizer is DeepSpeed's {type(base).__name__} "
+                f'({"AdamW" if name == "adamw" else "Adam"}), as for DeepSpeed\'s own "type": "{torch_cls.__name__}"'
             )
-            return base
     rest.pop("fp32_optimizer_states", None)
-    logger.info(
-        "AdaScale under ZeRO-Offload: the base optimizer is torch.optim.%s, stepped on the CPU, not "
-        "DeepSpeedCPUAdam: %s",
-        torch_cls.__name__,
-        reason,
+    return None, (
+        f"under ZeRO-Offload the base optimizer is torch.optim.{torch_cls.__name__}, stepped on the CPU, "
+        f"not DeepSpeedCPUAdam: {reason}"
     )
-    return None
 
 
 # The params of DeepSpeed's own Adam types that choose an implementation, not a hyper-parameter.
 _DEEPSPEED_ADAM_SWITCHES = ("torch_adam", "adam_w_mode")
 
 
-def _with_base_optimizer(params: dict[str, Any]) -> dict[str, Any]:
+def _with_base_optimizer(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The JSON the HF docs teach has Adam's params (``betas``, ``eps``) and no ``"optimizer"``:
     it was an AdamW block with one word changed, so AdamW is the base (Adam for
-    ``"adam_w_mode": false``)."""
+    ``"adam_w_mode": false``). Returns the params with ``"optimizer"`` and what to say about it."""
     if "optimizer" in params:
         for switch in _DEEPSPEED_ADAM_SWITCHES:
             params.pop(switch, None)
-        return params
-    if not ({"betas", "eps", *_DEEPSPEED_ADAM_SWITCHES} & params.keys()):
-        return params
-    base = "AdamW" if params.pop("adam_w_mode", True) else "Adam"
+        return params, []
+    base = json_base_optimizer(params)
+    if base == "SGD":
+        return params, []
+    params.pop("adam_w_mode", None)
     params.pop("torch_adam", None)
-    logger.info(
-        'AdaScale JSON params: Adam\'s params (betas, eps) and no "optimizer": the base optimizer is %s '
-        '(set "optimizer": "<torch.optim name>" in the params to choose another)',
-        base,
+    note = (
+        f'Adam\'s params (betas, eps) and no "optimizer": the base optimizer is {base} '
+        '(set "optimizer": "<torch.optim name>" in the params to choose another)'
     )
-    return {"optimizer": base, **params}
+    return {"optimizer": base, **params}, [note]
+
+
+def json_base_optimizer(params: dict[str, Any]) -> str:
+    """The name of the base optimizer a JSON AdaScale block's ``params`` build: ``"optimizer"``,
+    else AdamW for Adam's params (Adam with ``"adam_w_mode": false``), else SGD."""
+    if "optimizer" in params:
+        named = params["optimizer"]
+        return getattr(named, "__name__", str(named))
+    if not ({"betas", "eps", *_DEEPSPEED_ADAM_SWITCHES} & params.keys()):
+        return "SGD"
+    return "AdamW" if params.get("adam_w_mode", True) else "Adam"

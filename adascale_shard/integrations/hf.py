@@ -173,7 +173,7 @@ def _enable(trainer: Any, main: "AdaScaleCallback") -> "AdaScaleCallback":
                 + see("base-batch-size-larger-than-the-global-batch")
             )
     _check_world(args)
-    _set_optimizer(trainer, main.optimizer, main.optimizer_kwargs)
+    main._base_note = _set_optimizer(trainer, main.optimizer, main.optimizer_kwargs)
     if args.max_steps is None or args.max_steps <= 0:
         args.max_steps = _epochs_to_steps(trainer, base_batch_size)
     main._trainer = weakref.ref(trainer)
@@ -244,7 +244,9 @@ def _check_world(args: Any) -> None:
         )
 
 
-def _set_optimizer(trainer: Any, optimizer: Any, optimizer_kwargs: dict[str, Any]) -> None:
+def _set_optimizer(trainer: Any, optimizer: Any, optimizer_kwargs: dict[str, Any]) -> str | None:
+    """Make the Trainer build AdaScale; returns where the base optimizer comes from (for the INFO
+    line AdaScale logs at its first update), ``None`` when something else says it."""
     deepspeed_config = getattr(trainer.args, "hf_deepspeed_config", None)
     json_optimizer = None
     if deepspeed_config is not None:
@@ -261,7 +263,8 @@ def _set_optimizer(trainer: Any, optimizer: Any, optimizer_kwargs: dict[str, Any
                 "with --deepspeed the JSON \"optimizer\" block builds AdaScale: put the base optimizer and "
                 "its arguments in its params, not in enable_adascale()" + see("optimizer-arguments-with-deepspeed")
             )
-        return
+        _warn_ignored_optim(trainer.args, deepspeed_config.config["optimizer"].get("params"))
+        return None  # the JSON's params say it (adascale_shard.integrations.deepspeed.build_optimizer)
     if trainer.optimizer is not None and not isinstance(trainer.optimizer, AdaScale):
         raise ValueError(
             f"the Trainer was given a {type(trainer.optimizer).__name__} instance: let enable_adascale() "
@@ -269,26 +272,58 @@ def _set_optimizer(trainer: Any, optimizer: Any, optimizer_kwargs: dict[str, Any
             "DeepSpeed and FSDP)" + see("trainer-given-an-optimizer-instance")
         )
     if trainer.optimizer is not None:
-        return
+        return "the AdaScale instance given to the Trainer"
     current = trainer.optimizer_cls_and_kwargs
     is_adascale = _builds_adascale(current)
     if is_adascale and optimizer is None and not optimizer_kwargs:
-        return
+        return "the Trainer's optimizer_cls_and_kwargs"
     if optimizer is not None:
-        kwargs = {"optimizer": optimizer, "lr": trainer.args.learning_rate, **optimizer_kwargs}
-    else:
-        # The optimizer the Trainer would build without AdaScale: the user's class, or --optim's.
-        base_cls, base_kwargs = (
-            current if current is not None and not is_adascale else trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+        trainer.optimizer_cls_and_kwargs = (
+            AdaScale,
+            {"optimizer": optimizer, "lr": trainer.args.learning_rate, **optimizer_kwargs},
         )
-        kwargs = {"optimizer": base_cls, **base_kwargs, **optimizer_kwargs}
-        logger.info(
-            "AdaScale wraps %s(%s), the optimizer the Trainer would build (--optim %s)",
-            getattr(base_cls, "__name__", base_cls),
-            ", ".join(f"{k}={v!r}" for k, v in base_kwargs.items()),
-            trainer.args.optim,
-        )
-    trainer.optimizer_cls_and_kwargs = (AdaScale, kwargs)
+        return "named by enable_adascale/AdaScaleCallback"
+    # The optimizer the Trainer would build without AdaScale: the user's class, or --optim's.
+    user_cls = current is not None and not is_adascale
+    base_cls, base_kwargs = current if user_cls else trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    trainer.optimizer_cls_and_kwargs = (AdaScale, {"optimizer": base_cls, **base_kwargs, **optimizer_kwargs})
+    origin = "the Trainer's optimizer_cls_and_kwargs" if user_cls else f"--optim {_optim_name(trainer.args)}"
+    shown = ", ".join(f"{k}={v!r}" for k, v in base_kwargs.items() if k != "lr")
+    return f"the optimizer the Trainer would build ({origin}{'; ' + shown if shown else ''})"
+
+
+def _optim_name(args: Any) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
+# --optim values that build no other optimizer than the JSON's AdamW, and the torch.optim class
+# nearest to some others (what to name in the AdaScale params instead).
+_DEFAULT_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+_TORCH_EQUIVALENT = {"adafactor": "Adafactor", "sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
+
+
+def _warn_ignored_optim(args: Any, params: Any) -> None:
+    """``--optim`` beside a JSON AdaScale block: the Trainer ignores it (DeepSpeed builds the
+    optimizer from the JSON), so say which setting wins, once (the main process)."""
+    from .deepspeed import json_base_optimizer
+
+    optim = _optim_name(args)
+    base = json_base_optimizer(params if isinstance(params, dict) else {})
+    wanted = _TORCH_EQUIVALENT.get(optim)
+    if optim in _DEFAULT_OPTIMS or (wanted is not None and wanted.lower() == base.lower()):
+        return
+    if getattr(args, "process_index", 0) != 0:
+        return
+    fix = f'"optimizer": "{wanted}"' if wanted else '"optimizer": "<a torch.optim name>"'
+    logger.warning(
+        '--optim %s is ignored: the DeepSpeed JSON "optimizer" block ("type": "AdaScale") builds the '
+        "optimizer, and its params make AdaScale wrap %s. To train with %s, set %s in that block's "
+        "params; otherwise remove --optim" + see("optim-ignored-beside-a-deepspeed-adascale-block"),
+        optim,
+        base,
+        wanted or optim,
+        fix,
+    )
 
 
 def _epochs_to_steps(trainer: Any, base_batch_size: int | None) -> int:
@@ -326,6 +361,7 @@ class AdaScaleCallback(TrainerCallback):
         self.optimizer = optimizer
         self.optimizer_kwargs = optimizer_kwargs
         self.adascale: AdaScale | None = None
+        self._base_note: str | None = None  # where the base optimizer comes from (set by _enable)
         self._trainer: Any = lambda: None  # a weak reference, set when the Trainer turns the flow on
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -338,6 +374,8 @@ class AdaScaleCallback(TrainerCallback):
                 + see("trainer-optimizer-is-not-adascale")
             )
         trainer = self._trainer()
+        if adascale.base_note is None:
+            adascale.base_note = self._base_note
         _check_data_parallel(args, trainer)
         scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
         if scaler is not None:  # fp16 without DeepSpeed: Accelerate's GradScaler scales the loss

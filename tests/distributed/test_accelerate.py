@@ -1,5 +1,7 @@
 """``recipes/accelerate_loop.py`` under real launches: Accelerate's DDP and DeepSpeed ZeRO-2/3 on 2
-gloo processes, and FSDP2 through the recipe's documented torchrun fallback. The recipe calls no
+gloo processes (ZeRO-2 twice: AdaScale from the JSON block through ``DummyOptim``, and an
+``AdaScale`` instance with DeepSpeed configured from the Accelerate YAML alone), and FSDP2 through
+the recipe's documented torchrun fallback. The recipe calls no
 ``attach`` on FSDP2 (AdaScale attaches itself at the first forward, also after the resumed
 launch's DCP load); its plain-PyTorch path calls ``attach`` explicitly, so the FSDP2 gains compare
 the two.
@@ -56,7 +58,11 @@ TINY = [
 # data order or normalisation slip (each moves the gain by far more: the gains here vary by ~1e-2
 # between updates).
 GAIN_RTOL, GAIN_ATOL = 1e-5, 1e-6
-ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3", "zero2_instance")
+# zero2_instance: DeepSpeed configured from the Accelerate YAML alone (no JSON, no "optimizer"
+# block) and an AdaScale(torch.optim.SGD(...)) instance handed to prepare; its reference is the
+# plain ZeRO-2 path (the Python path gives the JSON path's run bit for bit, test_deepspeed.py).
+PLAIN_OF = {"zero2_instance": "zero2"}
 
 
 def free_port() -> int:
@@ -70,7 +76,10 @@ def command(engine: str, out: Path, *extra: str) -> list[str]:
     args = [*TINY, "--output_dir", str(out), *extra]
     if engine == "fsdp2":
         return [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(RECIPE), "--manual_fsdp2", *args]
-    config = {"ddp": "accelerate_ddp.yaml", "zero2": "accelerate_zero2.yaml", "zero3": "accelerate_zero3.yaml"}[engine]
+    config = {
+        "ddp": "accelerate_ddp.yaml", "zero2": "accelerate_zero2.yaml", "zero3": "accelerate_zero3.yaml",
+        "zero2_instance": "accelerate_zero2_instance.yaml",
+    }[engine]  # fmt: skip
     launch = [str(VENV_BIN / "accelerate"), "launch", "--config_file", f"configs/{config}"]
     launch += ["--main_process_port", str(free_port()), str(RECIPE)]
     return launch + (["--cpu"] if engine == "ddp" else []) + args
@@ -225,12 +234,16 @@ def runs(tmp_path_factory):
         resumed = root / f"{engine}_resumed"
         checkpoint = full / f"update_{RESUME_AT}"
         results["resumed"][engine] = train(command(engine, resumed, "--resume_from_checkpoint", str(checkpoint)), resumed)
-    cases = [Case(engine, plain_case, (engine,)) for engine in results["full"]]
+    cases = [Case(engine, plain_case, (engine,)) for engine in results["full"] if engine not in PLAIN_OF]
     # The first update without any clipping: the gain every engine must reproduce although it clipped.
     cases += [Case(f"{engine}_unclipped", plain_case, (engine, False, 1)) for engine in ("ddp", "zero2") if engine in results["full"]]
     per_rank = run_cases(cases, 2, timeout=600, env={"DS_ACCELERATOR": "cpu"})
     results["plain"] = per_rank[0]
     results["plain_rank1"] = per_rank[1]
+    for engine, reference in PLAIN_OF.items():
+        for key in ("plain", "plain_rank1"):
+            if reference in results[key]:
+                results[key][engine] = results[key][reference]
     refused = root / "fsdp2_refused"
     cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", "configs/accelerate_fsdp2.yaml"]
     cmd += ["--main_process_port", str(free_port()), str(RECIPE), *TINY, "--output_dir", str(refused)]
@@ -263,7 +276,7 @@ def test_difference_table(runs):
     present, covering every update, and within the gain tolerance of the per-engine tests."""
     have_deepspeed = importlib.util.find_spec("deepspeed") is not None
     assert list(runs["full"]) == [e for e in ENGINES if have_deepspeed or not e.startswith("zero")]
-    header = f"\n{'engine':8} {'updates':>7} {'final tau':>10} {'max |gain - plain|':>19} {'max |tau - plain|':>18} {'resume max |diff|':>18} {'/bound':>7}"
+    header = f"\n{'engine':14} {'updates':>7} {'final tau':>10} {'max |gain - plain|':>19} {'max |tau - plain|':>18} {'resume max |diff|':>18} {'/bound':>7}"
     lines, out_of_tolerance = [header], []
     for engine, records in runs["full"].items():
         got = updates(records)
@@ -287,7 +300,7 @@ def test_difference_table(runs):
         worst = max(use.values(), key=lambda v: math.inf if math.isnan(v) else v)
         if not worst <= 1.0:  # also catches NaN
             out_of_tolerance.append(f"{engine}: {use}")
-        lines.append(f"{engine:8} {len(got):7d} {got[-1]['tau']:10.4f} {gain:19.2e} {tau:18.2e} {resume:18.2e} {worst:7.3f}")
+        lines.append(f"{engine:14} {len(got):7d} {got[-1]['tau']:10.4f} {gain:19.2e} {tau:18.2e} {resume:18.2e} {worst:7.3f}")
     first = {name: plain["gain"][0] for name, plain in runs["plain"].items() if name.endswith("_unclipped")}
     clipped = {engine: updates(records)[0]["gain"] for engine, records in runs["full"].items()}
     lines.append(f"first-update gain without clipping (plain references): {first}; with clipping: {clipped}")
@@ -304,7 +317,9 @@ def test_difference_table(runs):
 @pytest.mark.parametrize("engine", PARAMS)
 def test_launch_runs_the_engine_on_two_processes(runs, engine):
     summary = runs["full"][engine][-1]["summary"]
-    assert summary["engine"] == engine
+    assert summary["engine"] == PLAIN_OF.get(engine, engine)
+    if engine.startswith("zero"):  # AdaScale from the JSON block, or the instance the loop handed to prepare
+        assert summary["optimizer_source"] == ("an AdaScale instance" if engine.endswith("_instance") else "the JSON block")
     assert summary["processes"] == 2
     assert summary["final"]["N"] == 4.0  # 2 processes x 2 accumulation steps
 

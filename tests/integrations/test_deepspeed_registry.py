@@ -102,7 +102,14 @@ def test_the_hf_docs_adam_params_select_adamw(caplog):
     with caplog.at_level(logging.INFO, logger="adascale_shard"):
         opt = build_optimizer(params, dict(hf_docs))
     assert type(opt.optimizer) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.01
-    assert 'the base optimizer is AdamW (set "optimizer"' in caplog.text
+    # Said in the one INFO line AdaScale logs at its first update (what it wraps, and why).
+    assert opt.base_note.startswith('the DeepSpeed JSON "optimizer" block; Adam\'s params (betas, eps) and no "optimizer": ')
+    assert 'the base optimizer is AdamW (set "optimizer"' in opt.base_note
+    (params[0] * torch.arange(3.0)).sum().backward()
+    with caplog.at_level(logging.INFO, logger="adascale_shard"):
+        opt.step()
+    (line,) = [r.getMessage() for r in caplog.records if "AdaScale wraps" in r.getMessage()]
+    assert line == f"AdaScale wraps AdamW (lr 0.001, S = 1, N = 1 gradients per update, lr x gain): {opt.base_note}"
     assert type(build_optimizer(params, {**hf_docs, "adam_w_mode": False}).optimizer) is torch.optim.Adam
     assert type(build_optimizer(params, {"lr": 1e-3, "torch_adam": True}).optimizer) is torch.optim.AdamW
     named = build_optimizer(params, {**hf_docs, "optimizer": "NAdam", "torch_adam": True})

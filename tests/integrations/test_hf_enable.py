@@ -106,3 +106,40 @@ def test_progress_bar_counts_tau(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "tau: 100%" in err and "12/12" in err and "gain=" in err
     assert trainer.state.global_step < 12  # the bar counted tau, not the updates
+
+
+@pytest.mark.parametrize(
+    "optim, params, warned",
+    [
+        ("adafactor", {"lr": "auto", "betas": "auto", "eps": "auto"}, '"optimizer": "Adafactor"'),  # the HF docs' block
+        ("sgd", {"optimizer": "SGD", "lr": "auto", "momentum": 0.9}, None),  # the JSON builds what --optim names
+        ("adagrad", {"optimizer": "SGD", "lr": "auto"}, '"optimizer": "Adagrad"'),
+        ("adamw_torch", {"lr": "auto", "betas": "auto", "eps": "auto"}, None),  # the defaults never warn
+        ("adamw_torch_fused", {"optimizer": "SGD", "lr": "auto"}, None),
+    ],
+)
+def test_optim_beside_a_json_adascale_block_is_named_once(tmp_path, caplog, optim, params, warned):
+    """--optim is ignored under a DeepSpeed JSON "optimizer" block: a non-default one is warned
+    about, naming both settings, which wins and the fix."""
+    pytest.importorskip("deepspeed")
+    import gc
+    import json
+    import logging
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parents[2] / "configs" / "zero2.json").read_text())
+    config["optimizer"]["params"] = params
+    trainer = make_trainer(tmp_path, deepspeed=config, optim=optim)
+    with caplog.at_level(logging.WARNING, logger="adascale_shard"):
+        enable_adascale(trainer)
+    messages = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+    del trainer
+    gc.collect()  # the Trainer's DeepSpeed config is process-global while it lives
+    if warned is None:
+        assert messages == []
+        return
+    (message,) = messages
+    base = "AdamW" if "betas" in params else "SGD"
+    assert message.startswith(f'--optim {optim} is ignored: the DeepSpeed JSON "optimizer" block ("type": "AdaScale")')
+    assert f"its params make AdaScale wrap {base}" in message and warned in message and "remove --optim" in message
+    assert message.endswith("(see docs/troubleshooting.md#optim-ignored-beside-a-deepspeed-adascale-block)")

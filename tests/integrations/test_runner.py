@@ -238,6 +238,7 @@ def test_a_trainer_script_gets_the_whole_of_adascale_from_its_json(launches, nam
         previous_tau = record["adascale/tau"]
     assert len(varied) > 3  # the schedule moved, so the comparison had teeth
     assert "budget is unknown" not in result["output"]  # the Trainer's flow holds the budget, not Accelerate's cut
+    assert "is ignored" not in result["output"]  # the default --optim beside the JSON block: no warning
 
 
 @pytest.mark.distributed
@@ -276,3 +277,36 @@ def test_deepspeeds_unknown_type_under_the_runner_names_the_switch(tmp_path):
     out = subprocess.run([sys.executable, "-m", "adascale_shard.run", str(script)], capture_output=True, text=True, env=_env())
     assert out.returncode != 0
     assert 'RuntimeError: DeepSpeed does not know "type": "AdaScale": ADASCALE_NO_DEEPSPEED_PATCH=1 switched' in out.stderr
+
+
+LOUD_RUNNER = """import logging, runpy, sys
+handler = logging.StreamHandler(sys.stdout)
+handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+logging.getLogger("adascale_shard").addHandler(handler)
+logging.getLogger("adascale_shard").setLevel(logging.INFO)
+sys.argv = ["adascale_shard.run", *sys.argv[1:]]
+runpy.run_module("adascale_shard.run", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.distributed
+def test_the_log_names_what_adascale_wraps_and_an_ignored_optim_once(tmp_path):
+    """The HF docs' ZeRO-2 JSON on 2 ranks with --optim adafactor: one INFO line (rank 0) says what
+    AdaScale wraps and why, one warning says --optim is ignored and how to get Adafactor."""
+    loud = tmp_path / "loud_runner.py"  # the runner, with adascale_shard's INFO lines on stdout
+    loud.write_text(LOUD_RUNNER)
+    out = tmp_path / "out"
+    args = _trainer_args(out, HF_DOCS_JSON)
+    args[args.index("--max_steps") + 1] = "4"
+    result = _launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(loud), *args, "--optim", "adafactor"], out)
+    assert result["optimizers"][-2:] == ["AdaScale", "AdamW"]  # the JSON won
+    lines = result["output"].splitlines()
+    wraps = [line for line in lines if "AdaScale wraps" in line]
+    assert wraps == [
+        "INFO adascale_shard.optimizer: AdaScale wraps AdamW (lr 0.001, S = 4, N = 4 gradients per update, lr x gain): "
+        'the DeepSpeed JSON "optimizer" block; Adam\'s params (betas, eps) and no "optimizer": the base optimizer is '
+        'AdamW (set "optimizer": "<torch.optim name>" in the params to choose another)'
+    ], wraps
+    ignored = [line for line in lines if "is ignored" in line]
+    assert len(ignored) == 1 and ignored[0].startswith("WARNING adascale_shard.integrations.hf: --optim adafactor is ignored")
+    assert 'set "optimizer": "Adafactor" in that block\'s params' in ignored[0]

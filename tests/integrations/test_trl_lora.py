@@ -1,9 +1,12 @@
 """recipes/sft_lora.py on 2 gloo ranks: TRL's SFTTrainer, a PEFT LoRA adapter, AdaScale.
 
 One launch (``tests/harness.py``) runs the recipe's own ``build_trainer`` and ``run`` in each
-rank, first under DDP and then under DeepSpeed ZeRO-2 (after DDP: HF keeps a process-global
-DeepSpeed config), with 2 accumulation steps (``S = N = 4``) on padded prompt/completion batches
-of different lengths. For each engine:
+rank, first under DDP and then under DeepSpeed ZeRO-2 and ZeRO-3 (after DDP: HF keeps a
+process-global DeepSpeed config), with 2 accumulation steps (``S = N = 4``) on padded
+prompt/completion batches of different lengths, in bf16 with gradient checkpointing (TRL's
+defaults; reentrant on ZeRO-3, where TRL forces it for PEFT). ZeRO-3 builds the base model
+partitioned, so it skips the recipe's whole-model pretraining (``--pretrain_steps 0``). For each
+engine:
 
 (a) AdaScale hooks exactly the adapter's trainable LoRA ``A``/``B`` matrices, no frozen weight;
 (b) the gain ends above 1;
@@ -62,9 +65,15 @@ def sft_lora(rank: int, world: int, engine: str, root: str) -> dict:
     import sft_lora as recipe
     from transformers import TrainerCallback
 
-    extra = ["--deepspeed", str(ROOT / "configs" / "zero2.json")] if engine == "zero2" else []
+    extra = ["--deepspeed", str(ROOT / "configs" / f"{engine}.json")] if engine.startswith("zero") else []
+    if engine == "zero3":  # the base model is built partitioned (zero.Init): no whole-model pretraining
+        extra += ["--pretrain_steps", "0"]
     warnings = _Warnings()
+    infos = _Warnings()
+    infos.setLevel(logging.INFO)
     logging.getLogger("adascale_shard").addHandler(warnings)
+    logging.getLogger("adascale_shard").addHandler(infos)
+    logging.getLogger("adascale_shard").setLevel(logging.INFO)
     trainer, callback, plot = recipe.build_trainer([*ARGS, "--output_dir", f"{root}/{engine}", *extra])
 
     class Record(TrainerCallback):
@@ -78,6 +87,7 @@ def sft_lora(rank: int, world: int, engine: str, root: str) -> dict:
     trainer.add_callback(recorder)
     summary = recipe.run(trainer, callback, plot)
     logging.getLogger("adascale_shard").removeHandler(warnings)
+    logging.getLogger("adascale_shard").removeHandler(infos)
     params = list(trainer.model.named_parameters())
 
     def hooked(p) -> bool:
@@ -92,6 +102,10 @@ def sft_lora(rank: int, world: int, engine: str, root: str) -> dict:
         "frozen": sum(not p.requires_grad for _, p in params),
         "num_hooks": callback.adascale._capture.num_hooks,
         "warnings": warnings.messages,
+        "infos": infos.messages,
+        "bf16": trainer.args.bf16,
+        "gradient_checkpointing": trainer.args.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": trainer.args.gradient_checkpointing_kwargs,
     }
 
 
@@ -99,14 +113,26 @@ def sft_lora(rank: int, world: int, engine: str, root: str) -> dict:
 def runs() -> dict:
     root = tempfile.mkdtemp(prefix="adascale_trl_")  # made here: every rank must see the same files
     try:
-        cases = [Case(engine, sft_lora, (engine, root)) for engine in ("ddp", "zero2")]
+        cases = [Case(engine, sft_lora, (engine, root)) for engine in ("ddp", "zero2", "zero3")]
         per_rank = run_cases(cases, 2, timeout=600, env={"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"})
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return per_rank[0]
 
 
-ENGINES = [("ddp", "DistributedDataParallel"), ("zero2", "DeepSpeedEngine")]
+ENGINES = [("ddp", "DistributedDataParallel"), ("zero2", "DeepSpeedEngine"), ("zero3", "DeepSpeedEngine")]
+
+
+def test_every_engine_ran_bf16_with_gradient_checkpointing(runs):
+    """TRL's defaults: bf16 and gradient checkpointing, non-reentrant (transformers' default) under
+    DDP and ZeRO-2; with PEFT on ZeRO-3 TRL forces reentrant checkpointing. ``S == N == 4`` in
+    test_the_gain_ends_above_one also checks that the reentrant inner backward passes were not
+    counted as micro-batches of their own."""
+    for engine, _ in ENGINES:
+        r = runs[engine]
+        assert r["bf16"] and r["gradient_checkpointing"], engine
+        reentrant = (r["gradient_checkpointing_kwargs"] or {}).get("use_reentrant", False)
+        assert reentrant is (engine == "zero3"), (engine, r["gradient_checkpointing_kwargs"])
 
 
 @pytest.mark.parametrize("engine, wrapper", ENGINES)
@@ -123,7 +149,7 @@ def test_only_the_adapter_is_hooked(runs, engine, wrapper):
 def test_the_gain_ends_above_one(runs, engine, wrapper):
     s = runs[engine]["summary"]
     assert s["S"] == s["N"] == 2 * ACCUMULATION
-    assert s["gain"] > 1.2, s  # measured: 1.69 (DDP), 1.70 (ZeRO-2)
+    assert s["gain"] > 1.2, s  # measured: 1.69 (DDP), 1.70 (ZeRO-2), 1.86 (ZeRO-3, no pretraining)
     print(f"\n{engine}: {s['updates']} updates, tau {s['tau']:.2f}, gain {s['gain']:.3f}, eval loss {s['eval_loss']:.3f}")
 
 

@@ -143,7 +143,12 @@ def test_the_turn_on_is_logged(tmp_path, caplog):
         trainer.train()
     text = caplog.text
     assert "AdaScale is the Trainer's optimizer (an AdaScaleCallback among the callbacks)" in text
-    assert "AdaScale wraps AdamW(lr=0.05, betas=(0.9, 0.999), eps=1e-08" in text
+    # One line says what AdaScale wraps, with S and where the base optimizer came from.
+    wraps = [r.getMessage() for r in caplog.records if "AdaScale wraps" in r.getMessage()]
+    assert len(wraps) == 1, wraps
+    assert wraps[0].startswith("AdaScale wraps AdamW (lr 0.05, S = 2, N = 2 gradients per update, lr x gain): ")
+    assert "the optimizer the Trainer would build (--optim adamw_torch" in wraps[0]
+    assert "betas=(0.9, 0.999), eps=1e-08" in wraps[0]
 
 
 def test_unpatch_restores_the_trainers_train():
