@@ -22,6 +22,7 @@ __all__ = [
     "current_autograd_node",
     "will_engine_execute_node",
     "queue_callback",
+    "outer_backward_node",
     "foreach_norm",
     "is_dtensor",
     "is_flat_parameter",
@@ -76,6 +77,23 @@ def will_engine_execute_node(node: Any) -> bool:
     """``torch._C._will_engine_execute_node``; raises ``RuntimeError`` for a leaf's node inside
     ``torch.autograd.grad()``."""
     return _torch_private("torch._C", "_will_engine_execute_node")(node)
+
+
+def outer_backward_node() -> Any:
+    """The autograd node of the outer backward pass whose Python ``backward`` runs the backward pass
+    now running (torch's reentrant ``checkpoint`` calls ``torch.autograd.backward`` inside
+    ``CheckpointFunction.backward``), or ``None`` when this backward is not nested. Read from the
+    Python frames of this thread (the nested backward runs on the thread of the outer node): the
+    ``ctx`` of a ``backward(ctx, ...)`` frame is the outer graph's node."""
+    function_node = torch.autograd.function.BackwardCFunction
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "backward":
+            ctx = frame.f_locals.get("ctx")
+            if isinstance(ctx, function_node):
+                return ctx
+        frame = frame.f_back
+    return None
 
 
 def queue_callback(callback: Callable[[], None]) -> None:

@@ -344,9 +344,21 @@ class MicroGradCapture:
             self.reset()
         self._pass_open = True
         self._pass_task_id = task_id
-        # Queued on this backward's graph task; it queues the closing step again so that it runs
-        # after the callbacks engines queue later in the same backward (DDP's reduction).
-        _compat.queue_callback(self._queue_close_pass)
+        outer = _compat.outer_backward_node()
+        if outer is None:
+            # Queued on this backward's graph task; it queues the closing step again so that it runs
+            # after the callbacks engines queue later in the same backward (DDP's reduction).
+            _compat.queue_callback(self._queue_close_pass)
+            return
+        # The first hooked gradient came from a backward nested in another (reentrant activation
+        # checkpointing with every trainable parameter inside the blocks): the pass is the outer
+        # backward, so it closes when that one ends, and later nested backwards join it. The outer
+        # node's post-hook runs in the outer graph task, where the closing step is queued.
+        def queue_on_outer(*_: object) -> None:
+            handle.remove()
+            _compat.queue_callback(self._queue_close_pass)
+
+        handle = outer.register_hook(queue_on_outer)
 
     def _queue_close_pass(self) -> None:
         _compat.queue_callback(self._close_pass)

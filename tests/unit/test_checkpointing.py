@@ -111,11 +111,6 @@ def test_non_reentrant_checkpointing_with_every_trainable_parameter_inside_is_ex
     assert opt.gain() == pytest.approx(reference.gain(), rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (issue 24): each reentrant block's inner backward is counted as a pass of its own "
-    "when no hook fires in the outer pass (N = 8 instead of 4, gain wrong); measured on CPU",
-)
 def test_reentrant_checkpointing_with_every_trainable_parameter_inside_counts_passes_once():
     reference = run_all_inside("none")
     opt = run_all_inside("reentrant")
