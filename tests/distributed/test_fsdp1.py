@@ -26,7 +26,6 @@ S with tau 1.75x too fast, and counted half the micro-gradients. Also checked: t
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adascale_shard import AdaScale
+from tests.distributed._reference import assert_bf16_close, assert_matches_reference
 from tests.distributed.test_fsdp2 import LR, MOMENTUM, UPDATES, build_model, loss_fn, micro_batches
 from tests.harness import Case, error_of, run_cases
 
@@ -324,28 +324,15 @@ def test_fsdp1_equals_single_process_reference(runs, name):
     n = float(CASES[name]["micro_batches"])
     assert run["engine"] == "FSDP1Engine"
     assert run["still_waiting_to_attach"] is False
-    assert run["N"] == [n] * UPDATES and run["S"] == [n] * UPDATES
-    assert run["dropped_windows"] == [0.0] * UPDATES
-    assert run["updates"] == [float(u + 1) for u in range(UPDATES)]
-    assert all(1.01 < g < n for g in run["gain"]), run["gain"]  # a non-trivial gain
-    for key in ("gain", "tau", "var", "sqr"):
-        for update, (p, q) in enumerate(zip(run[key], ref[key])):
-            assert math.isclose(p, q, rel_tol=RTOL, abs_tol=ATOL), f"{name}: {key}, update {update}: {p} vs {q}"
-    for update, (p, q) in enumerate(zip(run["params"], ref["params"])):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}, update {update}: {m}")
+    assert_matches_reference(name, run, ref, n, UPDATES, RTOL, ATOL)
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n]["bf16"]])
 def test_fsdp1_bf16_mixed_precision_close_to_fp32_reference(runs, name):
     run, ref = runs["rank0"][name], reference_for(runs, name)
     n = float(CASES[name]["micro_batches"])
-    assert run["N"] == [n] * UPDATES and run["dropped_windows"] == [0.0] * UPDATES
-    for key in ("gain", "tau"):
-        for update, (p, q) in enumerate(zip(run[key], ref[key])):
-            assert math.isclose(p, q, rel_tol=BF16_GAIN_RTOL), f"{name}: {key} at update {update}: {p} vs {q}"
-    for update, (p, q) in enumerate(zip(run["params"], ref["params"])):
-        assert float((p - q).abs().max()) < BF16_PARAM_ATOL, (name, update)
-    assert max(abs(p - q) for p, q in zip(run["gain"], ref["gain"])) > 1e-6  # bf16 really ran
+    assert run["N"] == [n] * UPDATES
+    assert_bf16_close(name, run, ref, UPDATES, BF16_GAIN_RTOL, BF16_PARAM_ATOL)
 
 
 def test_one_hook_per_flat_parameter(runs):

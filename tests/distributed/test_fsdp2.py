@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adascale_shard import AdaScale
+from tests.distributed._reference import assert_bf16_close, assert_matches_reference
 from tests.harness import Case, error_of, run_cases
 
 pytestmark = pytest.mark.distributed
@@ -651,28 +652,13 @@ def test_fsdp2_equals_single_process_reference(runs, name):
     run, ref = runs["ranks"][0][name], reference_for(runs, name)
     n = float(FSDP_CASES[name]["micro_batches"])
     assert run["world_size"] == 2
-    assert run["N"] == [n] * UPDATES and run["S"] == [n] * UPDATES
-    assert run["dropped_windows"] == [0.0] * UPDATES
-    assert run["updates"] == [float(u + 1) for u in range(UPDATES)]
-    assert all(1.01 < g < n for g in run["gain"]), run["gain"]  # a non-trivial gain
-    for key in ("gain", "tau", "var", "sqr"):
-        for update, (p, q) in enumerate(zip(run[key], ref[key])):
-            assert math.isclose(p, q, rel_tol=RTOL, abs_tol=ATOL), f"{name}: {key}, update {update}: {p} vs {q}"
-    for update, (p, q) in enumerate(zip(run["params"], ref["params"])):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}, update {update}: {m}")
+    assert_matches_reference(name, run, ref, n, UPDATES, RTOL, ATOL)
 
 
 @pytest.mark.parametrize("name", [n for n in FSDP_CASES if "bf16" in n])
 def test_fsdp2_bf16_mixed_precision_close_to_fp32_reference(runs, name):
     run, ref = runs["ranks"][0][name], reference_for(runs, name)
-    assert run["dropped_windows"] == [0.0] * UPDATES
-    for key in ("gain", "tau"):
-        for update, (p, q) in enumerate(zip(run[key], ref[key])):
-            assert math.isclose(p, q, rel_tol=BF16_GAIN_RTOL), f"{name}: {key} at update {update}: {p} vs {q}"
-    for update, (p, q) in enumerate(zip(run["params"], ref["params"])):
-        assert float((p - q).abs().max()) < BF16_PARAM_ATOL, (name, update)
-    # Not trivially close: bf16 really changed the numbers.
-    assert diffs(run, ref)["gain"] > 1e-6
+    assert_bf16_close(name, run, ref, UPDATES, BF16_GAIN_RTOL, BF16_PARAM_ATOL)
 
 
 def test_both_ranks_agree_bit_for_bit(runs):

@@ -23,7 +23,6 @@ sharding. One launch for everything; ``pytest -s`` prints the difference table.
 
 from __future__ import annotations
 
-import math
 import time
 
 import pytest
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from adascale_shard import AdaScale
+from tests.distributed._reference import assert_bf16_close, assert_matches_reference
 from tests.distributed.test_fsdp2 import (
     ATOL,
     BF16_GAIN_RTOL,
@@ -200,27 +200,13 @@ def test_hsdp_equals_single_process_reference(runs, name):
     for rank in range(WORLD):
         run = runs["ranks"][rank][name]
         assert run["world_size"] == WORLD
-        assert run["N"] == [n] * UPDATES and run["S"] == [n] * UPDATES
-        assert run["dropped_windows"] == [0.0] * UPDATES
-        assert run["updates"] == [float(u + 1) for u in range(UPDATES)]
-        assert all(1.01 < g < n for g in run["gain"]), run["gain"]
-        for key in ("gain", "tau", "var", "sqr"):
-            for update, (p, q) in enumerate(zip(run[key], ref[key])):
-                assert math.isclose(p, q, rel_tol=RTOL, abs_tol=ATOL), f"{name} rank {rank}: {key}, update {update}: {p} vs {q}"
-        for update, (p, q) in enumerate(zip(run["params"], ref["params"])):
-            torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name} rank {rank}, update {update}: {m}")
+        assert_matches_reference(f"{name} rank {rank}", run, ref, n, UPDATES, RTOL, ATOL)
 
 
 @pytest.mark.parametrize("name", [n for n in HSDP_CASES if "bf16" in n])
 def test_hsdp_bf16_mixed_precision_close_to_fp32_reference(runs, name):
     run, ref = runs["ranks"][0][name], reference_for(runs, name)
-    assert run["dropped_windows"] == [0.0] * UPDATES
-    for key in ("gain", "tau"):
-        for update, (p, q) in enumerate(zip(run[key], ref[key])):
-            assert math.isclose(p, q, rel_tol=BF16_GAIN_RTOL), f"{name}: {key} at update {update}: {p} vs {q}"
-    for update, (p, q) in enumerate(zip(run["params"], ref["params"])):
-        assert float((p - q).abs().max()) < BF16_PARAM_ATOL, (name, update)
-    assert diffs(run, ref)["gain"] > 1e-6  # bf16 really changed the numbers
+    assert_bf16_close(name, run, ref, UPDATES, BF16_GAIN_RTOL, BF16_PARAM_ATOL)
 
 
 def test_every_rank_agrees_and_replicas_hold_the_same_shards(runs):
