@@ -310,14 +310,18 @@ def adascale_analytic(adascale) -> dict:
         for c in chunks
     )
     groups = len(capture.groups)
+    # FSDP1/FSDP2 keep each rank's part of ||G||^2 per group (float64); ZeRO takes DeepSpeed's norm.
+    engine_part = getattr(getattr(adascale, "_engine", None), "_grad_sqr", None)
+    engine_groups = groups if engine_part is not None else 0
     return {
         "hooks": hooks,
         "slots": slots,
         "chunks": len(chunks),
         "groups": groups,
         "chunk_bytes": per_chunk,
-        "formula": "slots x (4 B norm + 8 B float64 sum + 8 B int64 index) + groups x 8 B x (micro sum + ||G||^2 part)",
-        "bytes": per_chunk + groups * 8 * 2,
+        "formula": "slots x (4 B norm + 8 B float64 sum + 8 B int64 index) + groups x 8 B (micro sum) "
+        "+ groups x 8 B (||G||^2 part, FSDP only)",
+        "bytes": per_chunk + groups * 8 + engine_groups * 8,
     }
 
 
