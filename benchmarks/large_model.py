@@ -519,6 +519,20 @@ def write_table(path: Path, out: Path) -> str:
         for entry in (both, off, on):
             if entry is not None:
                 commands.append(f"{entry[1]['command']}    # line {entry[0]}")
+    every = [(n, r) for n, r in enumerate(rows, 1) if r["mode"] in ("off", "on")]
+    if every:
+        lines += [
+            "",
+            "Every single-variant launch in the file (the launch-to-launch spread of the peak is the noise "
+            "against which the with/without difference is read):",
+            "",
+            "| line | engine | AdaScale | peak RSS rank 0 (GiB) | peak RSS rank 1 (GiB) | s/update (after warm-up) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for number, row in every:
+            peaks = [x["peak"] / 2**30 for x in row["rss_bytes"]]
+            secs = ", ".join(f"{t:.1f}" for t in row["seconds_per_update"])
+            lines.append(f"| {number} | {row['engine']} | {row['mode']} | {peaks[0]:.3f} | {peaks[1]:.3f} | {secs} |")
     lines += [
         "",
         "- **s/update**: median wall time of one update (2 micro-batches of forward and backward per rank, "

@@ -46,8 +46,9 @@ def test_table_from_rows(tmp_path):
          "ratio": {"mean": 1.01, "ci95": [0.99, 1.03]}, "pairs": 8, "rss_bytes": rss,
          "adascale_persistent": [{"bytes": 2976}, {"bytes": 2976}],
          "allocated_bytes_per_update": {"base": 100, "adascale": 8516}, "adascale_stats": {"gain": 3.9}},
-        {**common, "mode": "off", "command": "c2", "rss_bytes": rss},
-        {**common, "mode": "on", "command": "c3", "rss_bytes": [{"peak": 2**30 + 2**20}, {"peak": 2**30}]},
+        {**common, "mode": "off", "command": "c2", "rss_bytes": rss, "seconds_per_update": [7.0]},
+        {**common, "mode": "on", "command": "c3", "rss_bytes": [{"peak": 2**30 + 2**20}, {"peak": 2**30}],
+         "seconds_per_update": [7.2]},
     ]  # fmt: skip
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -55,3 +56,4 @@ def test_table_from_rows(tmp_path):
     assert "| fsdp2 | 2 | 124.4M | 4 | 7.00 | 7.10 | 1.010 [0.990, 1.030] | 8 | 1.00 / 1.00 | 1.00 / 1.00 |" in text
     assert "2,976 / 2,976 | +8,416 | 3.900 |" in text
     assert "c3    # line 3" in text
+    assert "| 3 | fsdp2 | on | 1.001 | 1.000 | 7.2 |" in text
