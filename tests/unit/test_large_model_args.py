@@ -43,7 +43,7 @@ def test_table_from_rows(tmp_path):
     rss = [{"peak": 2**30}, {"peak": 2**30}]
     rows = [
         {**common, "mode": "both", "command": "c1", "median_s": {"base": 7.0, "adascale": 7.1},
-         "ratio": {"mean": 1.01, "ci95": [0.99, 1.03]}, "pairs": 8, "rss_bytes": rss,
+         "ratio": {"mean": 1.01, "ci95": [0.99, 1.03], "per_pair": [1.0, 1.02, 1.01]}, "pairs": 8, "rss_bytes": rss,
          "adascale_persistent": [{"bytes": 2976}, {"bytes": 2976}],
          "allocated_bytes_per_update": {"base": 100, "adascale": 8516}, "adascale_stats": {"gain": 3.9}},
         {**common, "mode": "off", "command": "c2", "rss_bytes": rss, "seconds_per_update": [7.0]},
@@ -53,7 +53,10 @@ def test_table_from_rows(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = module.write_table(path, tmp_path / "rows.md")
-    assert "| fsdp2 | 2 | 124.4M | 4 | 7.00 | 7.10 | 1.010 [0.990, 1.030] | 8 | 1.00 / 1.00 | 1.00 / 1.00 |" in text
+    assert (
+        "| fsdp2 | 2 | 124.4M | 4 | 7.00 | 7.10 | 1.010 [0.990, 1.030] | 1.010 | 8 | 1.00 / 1.00 | 1.00 / 1.00 |"
+        in text
+    )
     assert "2,976 / 2,976 | +8,416 | 3.900 |" in text
     assert "c3    # line 3" in text
     assert "| 3 | fsdp2 | on | 1.001 | 1.000 | 7.2 |" in text
