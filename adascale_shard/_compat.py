@@ -26,6 +26,7 @@ __all__ = [
     "foreach_norm",
     "is_dtensor",
     "is_flat_parameter",
+    "is_fsdp1_flattened",
     "is_fsdp_module",
     "local_shard",
     "fsdp_state",
@@ -118,6 +119,12 @@ def is_flat_parameter(tensor: Any) -> bool:
     module = sys.modules.get("torch.distributed.fsdp._flat_param")
     cls = getattr(module, "FlatParameter", None)
     return cls is not None and isinstance(tensor, cls)
+
+
+def is_fsdp1_flattened(tensor: Any) -> bool:
+    """True for a parameter FSDP1 flattened into a ``FlatParameter`` (it marks each, and the flat
+    parameter itself, with ``_fsdp_flattened``)."""
+    return bool(getattr(tensor, "_fsdp_flattened", False))
 
 
 def is_fsdp_module(module: Any) -> bool:

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._compat import is_dtensor, local_shard
+from .._compat import is_dtensor, is_fsdp1_flattened, local_shard
 from .._docs import see
 from ..capture import reduction_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..capture import MicroGradCapture
 
-__all__ = ["Engine", "NO_BACKWARD_RECORDED", "ATTACH_FIX", "grad_sqr_norms"]
+__all__ = ["Engine", "NO_BACKWARD_RECORDED", "FSDP1_NOT_ATTACHED", "ATTACH_FIX", "grad_sqr_norms"]
 
 ATTACH_FIX = (
     "build AdaScale before the first forward and compute the gradients with forward and backward "
@@ -31,6 +31,17 @@ NO_BACKWARD_RECORDED = (
     "assigned to .grad, or computed on other parameter objects (a model copied or "
     "rebuilt after the optimizer), are not seen. Compute the gradients with "
     "backward(), on the parameters AdaScale was built on" + see("no-backward-pass-recorded")
+)
+
+
+FSDP1_NOT_ATTACHED = (
+    "AdaScale: the parameters have gradients but no backward pass was recorded. They are the original "
+    "parameters of FSDP1 (FullyShardedDataParallel, use_orig_params=True), whose own hooks never "
+    "fire (forward uses views of the flat parameters): AdaScale hooks the flat parameters at the "
+    "first forward of the wrapped model after AdaScale was built, and none ran since (the forward "
+    "ran before); the gain would silently stay 1. Fix: build AdaScale before the first forward of "
+    "the FullyShardedDataParallel model, or call opt.attach(fsdp_model) once before the first "
+    "backward" + see("fsdp1-hooks-never-attached")
 )
 
 
@@ -90,6 +101,8 @@ class Engine:
                     continue
                 values = local_shard(grad) if is_dtensor(p) else grad._values() if grad.is_sparse else grad
                 if bool(values.count_nonzero()):
+                    if is_fsdp1_flattened(p):  # FSDP1, use_orig_params=True: not this engine's params
+                        raise RuntimeError(FSDP1_NOT_ATTACHED)
                     raise RuntimeError(self._unrecorded_message(is_dtensor(p)))
 
     def _unrecorded_message(self, dtensor: bool) -> str:

@@ -270,11 +270,12 @@ def refusals_case(rank: int, world_size: int) -> dict:
     )
 
     # The forward ran before AdaScale was built and the gradients came from it: no pass recorded.
-    model = wrap(case())
-    loss = loss_fn("mlp", model, (x, y))
-    opt = AdaScale(torch.optim.SGD(model.parameters(), lr=LR))
-    loss.backward()
-    out["forward_before_build"] = error_of(opt.step)
+    for orig in (False, True):
+        model = wrap(case(orig=orig))
+        loss = loss_fn("mlp", model, (x, y))
+        opt = AdaScale(torch.optim.SGD(model.parameters(), lr=LR))
+        loss.backward()
+        out[f"forward_before_build orig={orig}"] = error_of(opt.step)
     return out
 
 
@@ -349,4 +350,6 @@ def test_refusals_name_fsdp1_and_the_fix(runs):
     assert out["frozen_separate_units"][0] == 4.0 and out["frozen_separate_units"][1] > 1.0
     assert "FSDP1" in out["process_group"] and "process_group=" in out["process_group"], out["process_group"]
     assert out["trainer_accepts_fsdp1"] == (True, None)
-    assert "FSDP1" in out["forward_before_build"] and "attach(fsdp_model)" in out["forward_before_build"]
+    for orig in (False, True):  # flat parameters, and use_orig_params=True (the generic message before)
+        message = out[f"forward_before_build orig={orig}"]
+        assert "FSDP1" in message and "attach(fsdp_model)" in message, message
