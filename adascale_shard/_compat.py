@@ -1,4 +1,6 @@
-"""Every private API of torch, FSDP2 and DeepSpeed that adascale_shard uses, in one place.
+"""Every private API of torch, FSDP1, FSDP2, DeepSpeed and Accelerate that adascale_shard uses, in
+one place: no other module of the package names a private attribute of an object it does not own
+(``tests/unit/test_layers.py`` reads the source to hold this).
 
 Each accessor checks, the first time it is used, that the private attribute exists in the
 installed version, and otherwise fails with what to install (the way the DeepSpeed integration
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +42,18 @@ __all__ = [
     "fsdp1_modules",
     "fsdp1_layout",
     "fsdp1_pending_grad",
+    "tensor_version",
+    "sparse_values",
+    "python_frame",
+    "init_optimizer_hooks",
+    "fsdp_state_modules",
+    "fsdp_param_group_name",
+    "fsdp_param_name",
+    "fsdp_unsharded_param",
+    "accelerator_schedulers",
+    "DEEPSPEED_ENGINE_METHODS",
+    "deepspeed_engine_methods",
+    "deepspeed_method_names",
     "missing",
 ]
 
@@ -95,6 +110,65 @@ def outer_backward_node() -> Any:
                 return ctx
         frame = frame.f_back
     return None
+
+
+def python_frame(depth: int) -> Any:
+    """The Python frame ``depth`` calls above the caller of this function (``sys._getframe``)."""
+    try:
+        getframe = sys._getframe
+    except AttributeError as err:
+        raise missing("sys._getframe", f"Python {sys.version.split()[0]}", "CPython", see("a-private-api-is-missing")) from err
+    return getframe(depth + 1)
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """``Tensor._version``: the counter of in-place changes to ``tensor`` (a ``zero_()`` moves it)."""
+    try:
+        return tensor._version
+    except AttributeError as err:
+        raise missing("torch.Tensor._version", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing")) from err
+
+
+def sparse_values(tensor: torch.Tensor) -> torch.Tensor:
+    """``Tensor._values()``: the stored values of a sparse COO tensor, without coalescing it."""
+    try:
+        values = tensor._values
+    except AttributeError as err:
+        raise missing("torch.Tensor._values", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing")) from err
+    return values()
+
+
+_OPTIMIZER_HOOK_TABLES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+@functools.cache
+def _check_optimizer_hooks() -> None:
+    declared = getattr(torch.optim.Optimizer, "__annotations__", {})
+    absent = [name for name in _OPTIMIZER_HOOK_TABLES if name not in declared]
+    if not hasattr(torch.optim.Optimizer, "_patch_step_function"):
+        absent.append("_patch_step_function")
+    if absent:
+        raise missing(
+            f"torch.optim.Optimizer's {', '.join(absent)}", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing")
+        )
+
+
+def init_optimizer_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """What ``torch.optim.Optimizer.__init__`` sets up for its hooks, for an optimizer that does not
+    call it: the six (empty) hook tables, the step wrapper (``_patch_step_function``) and the flag
+    that the CUDA-graph capture warning was given."""
+    _check_optimizer_hooks()
+    for name in _OPTIMIZER_HOOK_TABLES:
+        setattr(optimizer, name, OrderedDict())
+    optimizer._patch_step_function()
+    optimizer._warned_capturable_if_run_uncaptured = True
 
 
 def queue_callback(callback: Callable[[], None]) -> None:
@@ -166,6 +240,41 @@ def fsdp_param_groups(state: Any) -> list[Any]:
     return groups
 
 
+def _fsdp_private(obj: Any, name: str, owner: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError as err:
+        raise missing(f"FSDP2's {owner}.{name}", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing")) from err
+
+
+def fsdp_state_modules(state: Any) -> tuple[torch.nn.Module, ...]:
+    """The modules one FSDP2 state manages (``FSDPState._modules``: one per ``fully_shard`` call)."""
+    return _fsdp_private(state, "_modules", "FSDPState")
+
+
+def fsdp_param_group_name(param_group: Any) -> str | None:
+    """The qualified name of the module an FSDP2 parameter group belongs to (``_module_fqn``)."""
+    return _fsdp_private(param_group, "_module_fqn", "FSDPParamGroup")
+
+
+def fsdp_param_name(fsdp_param: Any) -> str | None:
+    """The qualified name of an FSDP2 parameter (``FSDPParam._param_fqn``)."""
+    return _fsdp_private(fsdp_param, "_param_fqn", "FSDPParam")
+
+
+@functools.cache
+def _check_unsharded_param(cls: type) -> None:
+    if "_unsharded_param" not in getattr(cls, "__annotations__", {}):
+        raise missing("FSDP2's FSDPParam._unsharded_param", f"torch {torch.__version__}", TORCH_INSTALL, see("a-private-api-is-missing"))
+
+
+def fsdp_unsharded_param(fsdp_param: Any) -> torch.nn.Parameter | None:
+    """An FSDP2 parameter's unsharded parameter (``FSDPParam._unsharded_param``), ``None`` before
+    its first all-gather creates it (the class declares it; checked once per class)."""
+    _check_unsharded_param(type(fsdp_param))
+    return getattr(fsdp_param, "_unsharded_param", None)
+
+
 def fsdp_mesh_info_classes() -> tuple[type, type]:
     """FSDP2's ``(FSDPMeshInfo, DDPMeshInfo)``: which layout a parameter group is sharded with."""
     try:
@@ -217,6 +326,43 @@ def accelerator_optimizers(accelerator: Any) -> list[Any]:
             see("a-private-api-is-missing"),
         )
     return optimizers
+
+
+def accelerator_schedulers(accelerator: Any) -> list[Any]:
+    """The schedulers an ``accelerate.Accelerator`` prepared (its ``_schedulers``)."""
+    schedulers = getattr(accelerator, "_schedulers", None)
+    if schedulers is None:
+        raise missing(
+            "Accelerator._schedulers",
+            "accelerate",
+            "pip install 'adascale-shard[accelerate]'",
+            see("a-private-api-is-missing"),
+        )
+    return schedulers
+
+
+# DeepSpeedEngine's private methods that the DeepSpeed patch wraps, by the name the patch uses.
+DEEPSPEED_ENGINE_METHODS = {
+    "configure_basic_optimizer": "_configure_basic_optimizer",
+    "configure_optimizer": "_configure_optimizer",
+    "is_supported_optimizer": "_is_supported_optimizer",
+    "configure_lr_scheduler": "_configure_lr_scheduler",
+    "take_model_step": "_take_model_step",
+}
+
+
+def deepspeed_engine_methods(engine_cls: type) -> dict[str, Callable[..., Any]]:
+    """DeepSpeedEngine's own private methods that the patch wraps, keyed as in
+    ``DEEPSPEED_ENGINE_METHODS``."""
+    absent = [name for name in DEEPSPEED_ENGINE_METHODS.values() if not hasattr(engine_cls, name)]
+    if absent:
+        raise missing(f"DeepSpeedEngine's {', '.join(absent)}", "DeepSpeed", DEEPSPEED_INSTALL, see("a-private-api-is-missing"))
+    return {key: getattr(engine_cls, name) for key, name in DEEPSPEED_ENGINE_METHODS.items()}
+
+
+def deepspeed_method_names(methods: dict[str, Any]) -> dict[str, Any]:
+    """``methods`` keyed as in ``DEEPSPEED_ENGINE_METHODS``, rekeyed by DeepSpeedEngine's names."""
+    return {DEEPSPEED_ENGINE_METHODS[key]: method for key, method in methods.items()}
 
 
 # -- FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) --------------------------------------

@@ -396,7 +396,7 @@ class MicroGradCapture:
         if self.engine is not None:
             return self.engine.grad_token(param)
         grad = param.grad
-        return None if grad is None else (id(grad), grad._version)
+        return None if grad is None else (id(grad), _compat.tensor_version(grad))
 
     # -- window -------------------------------------------------------------------------------
     @property

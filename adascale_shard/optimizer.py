@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import estimators
+from ._compat import init_optimizer_hooks
 from ._docs import see
 from .capture import MicroGradCapture
 from .config import AdaScaleConfig
@@ -183,14 +183,7 @@ class AdaScale(torch.optim.Optimizer):
         # The hook tables that torch.optim.Optimizer.__init__ would create; the parameters and
         # their state live in the wrapped optimizer, so its __init__ is not called.
         self.defaults = self.optimizer.defaults
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
-        self._warned_capturable_if_run_uncaptured = True
+        init_optimizer_hooks(self)
 
         self.process_group = process_group
         self._grad_scaler: Any = None

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._compat import is_dtensor, is_fsdp1_flattened, local_shard
+from .._compat import is_dtensor, is_fsdp1_flattened, local_shard, sparse_values, tensor_version
 from .._docs import see
 from ..capture import reduction_dtype
 
@@ -85,7 +85,7 @@ class Engine:
         """What identifies the gradient accumulated in ``owner`` now (``None``: none): taken when a
         backward pass closes and compared when the next opens, to notice a ``zero_grad`` between."""
         grad = owner.grad
-        return None if grad is None else (id(grad), grad._version)
+        return None if grad is None else (id(grad), tensor_version(grad))
 
     def end_window(self) -> None:
         """The update consumed the window (or it was dropped): forget what it measured."""
@@ -99,7 +99,7 @@ class Engine:
                 grad = p.grad
                 if grad is None or grad.numel() == 0:
                     continue
-                values = local_shard(grad) if is_dtensor(p) else grad._values() if grad.is_sparse else grad
+                values = local_shard(grad) if is_dtensor(p) else sparse_values(grad) if grad.is_sparse else grad
                 if bool(values.count_nonzero()):
                     if is_fsdp1_flattened(p):  # FSDP1, use_orig_params=True: not this engine's params
                         raise RuntimeError(FSDP1_NOT_ATTACHED)

@@ -79,8 +79,12 @@ from torch import nn
 
 from .._compat import (
     fsdp_mesh_info_classes,
+    fsdp_param_group_name,
     fsdp_param_groups,
+    fsdp_param_name,
     fsdp_state,
+    fsdp_state_modules,
+    fsdp_unsharded_param,
     is_dtensor,
     is_fsdp1_module,
     is_fsdp_module,
@@ -191,7 +195,7 @@ def _check_group(param_group: Any, ranks: int) -> None:
     """Refuse the FSDP2 layouts whose reduced gradient is not the mean of the micro-gradients
     over ``ranks`` (the estimator's normalisation)."""
     mesh_info = param_group.mesh_info
-    name = param_group._module_fqn or "<module>"
+    name = fsdp_param_group_name(param_group) or "<module>"
     layout = _layout(mesh_info)
     if layout not in ("1-D", "HSDP"):
         raise NotImplementedError(
@@ -259,7 +263,7 @@ class FSDP2Hooks:
         self._sync_groups(optimizer)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for state in self._states:
-            for module in state._modules:
+            for module in fsdp_state_modules(state):
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_forward(state)))
         # Parameters already unsharded now (reshard_after_forward=False after a forward) get
         # their hook at once; the others on their next forward.
@@ -298,7 +302,7 @@ class FSDP2Hooks:
             if factor is not None and factor != self._ranks:
                 _check_group(param_group, self._ranks)  # raises with the fix
             for fsdp_param in param_group.fsdp_params:
-                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                unsharded = fsdp_unsharded_param(fsdp_param)
                 if unsharded is None or unsharded in self._hooked or not unsharded.requires_grad:
                     continue
                 index = self._group_of.get(id(fsdp_param.sharded_param))
@@ -306,7 +310,7 @@ class FSDP2Hooks:
                     continue  # not optimised by this optimizer
                 if is_dtensor(unsharded):
                     raise NotImplementedError(
-                        f"AdaScale on FSDP2: {fsdp_param._param_fqn} is a DTensor also when "
+                        f"AdaScale on FSDP2: {fsdp_param_name(fsdp_param)} is a DTensor also when "
                         "unsharded (FSDP2 combined with tensor parallelism), which is not supported"
                         + see("fsdp2-with-tensor-parallelism")
                     )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .._compat import foreach_norm
+from .._compat import foreach_norm, tensor_version
 from .._docs import see
 from .base import Engine, grad_sqr_norms
 
@@ -197,4 +197,4 @@ class ReplicatedEngine(Engine):
 
 
 def _fingerprint(groups: Sequence[Sequence[torch.Tensor]]) -> list:
-    return [None if g is None else (id(g), g._version) for g in (p.grad for ps in groups for p in ps)]
+    return [None if g is None else (id(g), tensor_version(g)) for g in (p.grad for ps in groups for p in ps)]

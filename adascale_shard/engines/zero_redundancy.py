@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from .._compat import python_frame
 from .._docs import see
 
 __all__ = ["refuse_inside_zero_redundancy"]
@@ -35,7 +36,7 @@ def refuse_inside_zero_redundancy() -> None:
     cls = getattr(module, "ZeroRedundancyOptimizer", None)
     if cls is None:
         return
-    frame = sys._getframe(1)
+    frame = python_frame(1)
     for _ in range(_FRAMES):
         if frame is None:
             return

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch.utils.data
 
+from .._compat import accelerator_optimizers, accelerator_schedulers
 from .._docs import see
 from ..optimizer import AdaScale
 from ..unwrap import find
@@ -101,7 +102,7 @@ def unpatch() -> None:
 
 
 def _adascale_of(accelerator: Any) -> AdaScale | None:
-    for optimizer in getattr(accelerator, "_optimizers", ()):
+    for optimizer in accelerator_optimizers(accelerator):
         adascale = find(optimizer)
         if adascale is not None:
             return adascale
@@ -111,7 +112,7 @@ def _adascale_of(accelerator: Any) -> AdaScale | None:
 def budget_of(accelerator: Any) -> int | None:
     """The ``total_num_steps`` of the accelerator's prepared scheduler (DeepSpeed's JSON schedulers
     that decay have one), or ``None``."""
-    for scheduler in getattr(accelerator, "_schedulers", ()):
+    for scheduler in accelerator_schedulers(accelerator):
         for _ in range(8):  # AcceleratedScheduler / DeepSpeedSchedulerWrapper keep it in .scheduler
             total = getattr(scheduler, "total_num_steps", None)
             if isinstance(total, int) and total > 0:

@@ -32,7 +32,12 @@ from typing import Any
 
 import torch
 
-from .._compat import deepspeed_adam_configuration
+from .._compat import (
+    DEEPSPEED_ENGINE_METHODS,
+    deepspeed_adam_configuration,
+    deepspeed_engine_methods,
+    deepspeed_method_names,
+)
 from .._docs import see
 from ..config import AdaScaleConfig
 from ..engines import deepspeed as engines_deepspeed
@@ -52,11 +57,7 @@ _PATCHED = "_adascale_shard_patched"
 _ORIGINALS = "_adascale_shard_originals"  # the engine's own methods, for unpatch()
 NO_PATCH_ENV = "ADASCALE_NO_DEEPSPEED_PATCH"
 _REQUIRED_ENGINE_METHODS = (
-    "_configure_basic_optimizer",
-    "_configure_optimizer",
-    "_is_supported_optimizer",
-    "_configure_lr_scheduler",
-    "_take_model_step",
+    *DEEPSPEED_ENGINE_METHODS.values(),
     "allreduce_gradients",
     "save_checkpoint",
     "load_checkpoint",
@@ -140,11 +141,12 @@ def patch_engine(module: Any) -> None:
     if AdaScale not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(AdaScale)
 
-    is_supported = engine_cls._is_supported_optimizer
-    configure_basic = engine_cls._configure_basic_optimizer
-    configure_optimizer = engine_cls._configure_optimizer
-    configure_scheduler = engine_cls._configure_lr_scheduler
-    take_model_step = engine_cls._take_model_step
+    originals = deepspeed_engine_methods(engine_cls)
+    is_supported = originals["is_supported_optimizer"]
+    configure_basic = originals["configure_basic_optimizer"]
+    configure_optimizer = originals["configure_optimizer"]
+    configure_scheduler = originals["configure_lr_scheduler"]
+    take_model_step = originals["take_model_step"]
     save_checkpoint = engine_cls.save_checkpoint
     load_checkpoint = engine_cls.load_checkpoint
 
@@ -220,11 +222,15 @@ def patch_engine(module: Any) -> None:
     patched = {
         "save_checkpoint": _save_checkpoint,
         "load_checkpoint": _load_checkpoint,
-        "_is_supported_optimizer": _is_supported_optimizer,
-        "_configure_basic_optimizer": _configure_basic_optimizer,
-        "_configure_optimizer": _configure_optimizer,
-        "_configure_lr_scheduler": _configure_lr_scheduler,
-        "_take_model_step": _take_model_step,
+        **deepspeed_method_names(
+            {
+                "is_supported_optimizer": _is_supported_optimizer,
+                "configure_basic_optimizer": _configure_basic_optimizer,
+                "configure_optimizer": _configure_optimizer,
+                "configure_lr_scheduler": _configure_lr_scheduler,
+                "take_model_step": _take_model_step,
+            }
+        ),
     }
     setattr(engine_cls, _ORIGINALS, {name: getattr(engine_cls, name) for name in patched})
     for name, method in patched.items():
