@@ -156,10 +156,20 @@ def test_recipe_fills_the_shipped_json_from_its_arguments(recipe):
     assert config["gradient_clipping"] == 0.5
 
 
+def test_recipe_passes_an_adascale_instance_when_the_config_has_no_optimizer_block(recipe):
+    """No "optimizer" block (DeepSpeed configured from the Accelerate YAML alone): the script passes
+    an AdaScale instance, and the clipping is still filled from its arguments."""
+    config = shipped("zero2.json")
+    config.pop("optimizer")
+    config["gradient_clipping"] = "auto"
+    assert recipe.check_deepspeed_config(config, recipe.parse_args(["--max_grad_norm", "0.5"])) is False
+    assert config["gradient_clipping"] == 0.5
+    assert recipe.check_deepspeed_config(shipped("zero2.json"), recipe.parse_args([])) is True
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.pop("optimizer"), 'has no "optimizer": {"type": "AdaScale"'),
         (lambda c: c["optimizer"].update(type="AdamW"), 'has no "optimizer": {"type": "AdaScale"'),
         (lambda c: c["optimizer"]["params"].update(lr=0.3), "optimizer.params.lr=0.3 but --learning_rate=0.1"),
         (lambda c: c["optimizer"]["params"].update(momentum=0.5), "optimizer.params.momentum=0.5 but --momentum=0.9"),
