@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 TORCH_INSTALL = "pip install 'torch>=2.6,<2.15'"
-DEEPSPEED_INSTALL = "pip install 'adascale-shard[deepspeed]' (deepspeed>=0.19.8,<0.20)"
+DEEPSPEED_INSTALL = "pip install -e '.[deepspeed]' in a clone of adascale-shard (deepspeed>=0.19.8,<0.20)"
 
 
 def missing(what: str, package: str, install: str, pointer: str) -> RuntimeError:
@@ -322,7 +322,7 @@ def accelerator_optimizers(accelerator: Any) -> list[Any]:
         raise missing(
             "Accelerator._optimizers",
             "accelerate",
-            "pip install 'adascale-shard[accelerate]'",
+            "pip install -e '.[accelerate]' in a clone of adascale-shard",
             see("a-private-api-is-missing"),
         )
     return optimizers

@@ -1,4 +1,4 @@
-"""PNG plots of AdaScale runs (needs matplotlib: ``pip install 'adascale-shard[plots]'``)."""
+"""PNG plots of AdaScale runs (needs matplotlib: ``pip install -e '.[plots]' in a clone of adascale-shard``)."""
 
 from __future__ import annotations
 

@@ -114,7 +114,9 @@ def train_tokenizer(texts, vocab_size: int, out_dir: Path):
     return fast
 
 
-def build_model(model_args: ModelArguments, vocab_size: int, block_size: int):
+def build_model(model_args: ModelArguments, vocab_size: int, block_size: int, tokenizer=None):
+    """The model; built from a config, it takes the special-token ids ``tokenizer`` defines (the
+    Trainer would align them itself, with a warning; the run is the same)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
     if model_args.model_name_or_path:
@@ -124,6 +126,10 @@ def build_model(model_args: ModelArguments, vocab_size: int, block_size: int):
     else:  # a small GPT-2: fast on CPU, same architecture as the real one
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=max(block_size, 64))
     config.vocab_size = vocab_size
+    if tokenizer is not None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                setattr(config, name, getattr(tokenizer, name))
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
     return AutoModelForCausalLM.from_config(config)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
 
-    model = build_model(model_args, len(tokenizer), block_size)
+    model = build_model(model_args, len(tokenizer), block_size, tokenizer)
     trainer = Trainer(
         model=model,
         args=training_args,

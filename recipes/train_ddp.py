@@ -183,7 +183,7 @@ def plot(out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no plot (pip install adascale-shard[plots])")
+        print("matplotlib not installed: no plot (pip install matplotlib, or pip install -e '.[plots]' in a clone of adascale-shard)")
         return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tau = [r["tau"] for r in rows]

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torchrun's own default, set here so it does not print a banner about it
 exec .venv/bin/torchrun --nproc_per_node=2 recipes/run_clm.py \
     --deepspeed configs/zero2.json --use_cpu true \
     --output_dir outputs/demo \

@@ -105,5 +105,5 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(args.run)
         png = Path(args.png) if args.png else (run if run.is_dir() else run.parent) / "adascale_advisor.png"
         written = plot_advice(advice, png)
-        print(f"plot: {written}" if written else "matplotlib not installed: no PNG (pip install 'adascale-shard[plots]')")
+        print(f"plot: {written}" if written else "matplotlib not installed: no PNG (pip install -e '.[plots]' in a clone of adascale-shard)")
     return 0

@@ -113,7 +113,7 @@ def check_version(version: str) -> None:
     if not low <= _version_tuple(version) < high:
         logger.warning(
             "adascale_shard was tested with deepspeed >=%s,<%s; found %s. If AdaScale misbehaves, "
-            "install a tested version: pip install 'adascale-shard[deepspeed]'"
+            "install a tested version: pip install -e '.[deepspeed]' in a clone of adascale-shard"
             + see("deepspeed-outside-the-tested-range"),
             ".".join(map(str, low)),
             ".".join(map(str, high)),
@@ -133,7 +133,7 @@ def patch_engine(module: Any) -> None:
         raise RuntimeError(
             f"adascale_shard cannot register 'AdaScale' with deepspeed {version}: "
             f"DeepSpeedEngine no longer has {missing}. Install a tested DeepSpeed version: "
-            "pip install 'adascale-shard[deepspeed]' (deepspeed>=0.19.8,<0.20)" + see("deepspeed-engine-lost-a-method")
+            "pip install -e '.[deepspeed]' in a clone of adascale-shard (deepspeed>=0.19.8,<0.20)" + see("deepspeed-engine-lost-a-method")
         )
     check_version(version)
     from deepspeed.runtime.zero import utils as zero_utils

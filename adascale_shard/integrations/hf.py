@@ -58,7 +58,7 @@ try:  # the Trainer's callback types; the module is imported only by users of th
     from transformers.trainer_utils import IntervalStrategy
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install 'adascale-shard[transformers]'"
+        "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install -e '.[transformers]' in a clone of adascale-shard"
         + see("transformers-not-installed")
     ) from err
 

@@ -219,7 +219,7 @@ def test_hf_integration_without_transformers_names_the_extra():
     )
     out = run_script(code)
     assert out["message"] == (
-        "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install 'adascale-shard[transformers]'"
+        "adascale_shard.integrations.hf needs the Hugging Face Trainer: pip install -e '.[transformers]' in a clone of adascale-shard"
         " (see docs/troubleshooting.md#transformers-not-installed)"
     )
 

@@ -60,7 +60,7 @@ def test_moved_internals_raise_an_error_naming_the_fix():
     from adascale_shard.integrations import deepspeed as ds
 
     fake = types.SimpleNamespace(DeepSpeedEngine=type("DeepSpeedEngine", (), {"optimizer_name": None}))
-    with pytest.raises(RuntimeError, match=r"no longer has .*_configure_basic_optimizer.*pip install 'adascale-shard\[deepspeed\]'"):
+    with pytest.raises(RuntimeError, match=r"no longer has .*_configure_basic_optimizer.*pip install -e '\.\[deepspeed\]' in a clone of adascale-shard"):
         ds.patch_engine(fake)
 
 

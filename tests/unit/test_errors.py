@@ -168,7 +168,7 @@ def test_deepspeed_version_outside_the_tested_range_warns_with_the_fix(caplog, v
     (record,) = caplog.records
     message = record.getMessage()
     assert f"tested with deepspeed >=0.19.8,<0.20.0; found {version}" in message
-    assert "pip install 'adascale-shard[deepspeed]'" in message
+    assert "pip install -e '.[deepspeed]' in a clone of adascale-shard" in message
 
 
 def test_follow_tau_refuses_a_scheduler_that_does_not_count_steps():
