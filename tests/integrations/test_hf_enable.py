@@ -1,6 +1,7 @@
 """enable_adascale in one process: wiring, the meaning of the Trainer's settings, errors."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -108,6 +109,16 @@ def test_progress_bar_counts_tau(tmp_path, capfd):
     assert trainer.state.global_step < 12  # the bar counted tau, not the updates
 
 
+@pytest.fixture
+def environ_restored():
+    """TrainingArguments(deepspeed=...) sets ACCELERATE_USE_DEEPSPEED (and more) in os.environ: the
+    later tests of this process, and the ranks they launch, must not inherit DeepSpeed."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize(
     "optim, params, warned",
     [
@@ -118,7 +129,7 @@ def test_progress_bar_counts_tau(tmp_path, capfd):
         ("adamw_torch_fused", {"optimizer": "SGD", "lr": "auto"}, None),
     ],
 )
-def test_optim_beside_a_json_adascale_block_is_named_once(tmp_path, caplog, optim, params, warned):
+def test_optim_beside_a_json_adascale_block_is_named_once(tmp_path, caplog, environ_restored, optim, params, warned):
     """--optim is ignored under a DeepSpeed JSON "optimizer" block: a non-default one is warned
     about, naming both settings, which wins and the fix."""
     pytest.importorskip("deepspeed")
