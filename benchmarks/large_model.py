@@ -227,24 +227,11 @@ def ratio_ci(ratios: list[float]) -> tuple[float, float, float]:
 
 
 def allocated_bytes(update, step: int) -> int:
-    """Bytes of every non-view tensor produced by an op during one update (a dispatch mode)."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Bytes of every non-view tensor produced by an op during one update: overhead.py's count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from overhead import allocated_bytes as count
 
-    class Count(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view:
-                for t in out if isinstance(out, (tuple, list)) else [out]:
-                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                        Count.total += t.numel() * t.element_size()
-            return out
-
-    with Count():
-        update(step)
-    return Count.total
+    return count(update, step)
 
 
 def adascale_tensors(adascale) -> dict:
