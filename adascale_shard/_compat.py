@@ -315,30 +315,26 @@ def deepspeed_adam_configuration(engine: Any) -> Callable[..., tuple[Any, dict[s
     return method
 
 
-def accelerator_optimizers(accelerator: Any) -> list[Any]:
-    """The optimizers an ``accelerate.Accelerator`` prepared (its ``_optimizers``)."""
-    optimizers = getattr(accelerator, "_optimizers", None)
-    if optimizers is None:
+def _accelerator_prepared(accelerator: Any, name: str) -> list[Any]:
+    prepared = getattr(accelerator, name, None)
+    if prepared is None:
         raise missing(
-            "Accelerator._optimizers",
+            f"Accelerator.{name}",
             "accelerate",
             "pip install -e '.[accelerate]' in a clone of adascale-shard",
             see("a-private-api-is-missing"),
         )
-    return optimizers
+    return prepared
+
+
+def accelerator_optimizers(accelerator: Any) -> list[Any]:
+    """The optimizers an ``accelerate.Accelerator`` prepared (its ``_optimizers``)."""
+    return _accelerator_prepared(accelerator, "_optimizers")
 
 
 def accelerator_schedulers(accelerator: Any) -> list[Any]:
     """The schedulers an ``accelerate.Accelerator`` prepared (its ``_schedulers``)."""
-    schedulers = getattr(accelerator, "_schedulers", None)
-    if schedulers is None:
-        raise missing(
-            "Accelerator._schedulers",
-            "accelerate",
-            "pip install 'adascale-shard[accelerate]'",
-            see("a-private-api-is-missing"),
-        )
-    return schedulers
+    return _accelerator_prepared(accelerator, "_schedulers")
 
 
 # DeepSpeedEngine's private methods that the DeepSpeed patch wraps, by the name the patch uses.
