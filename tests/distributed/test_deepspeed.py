@@ -189,6 +189,20 @@ class _CollectiveCounter:
             setattr(self.dist, name, original)
 
 
+def collect_logs() -> tuple[list[str], logging.Handler]:
+    """adascale_shard's INFO and higher messages from now on, and the handler to remove afterwards."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    logging.getLogger("adascale_shard").addHandler(handler)
+    logging.getLogger("adascale_shard").setLevel(logging.INFO)
+    return records, handler
+
+
 def train_deepspeed(
     rank: int,
     world: int,
@@ -207,15 +221,7 @@ def train_deepspeed(
     import adascale_shard
     from adascale_shard import AdaScale
 
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Collect(level=logging.INFO)
-    logging.getLogger("adascale_shard").addHandler(handler)
-    logging.getLogger("adascale_shard").setLevel(logging.INFO)
+    records, handler = collect_logs()
     model = Net(checkpoint_shared)
     parameters = param_groups(model) if two_groups else model.parameters()
     if path == "json":

@@ -27,6 +27,7 @@ from tests.distributed.test_deepspeed import (
     _CollectiveCounter,
     _ds_env,
     _gathered_params,
+    collect_logs,
     ds_config,
     micro_batch,
 )
@@ -125,15 +126,7 @@ def train_offload(rank: int, world: int, stage: int, dtype: str, offload: dict, 
 
     from adascale_shard import AdaScale
 
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Collect(level=logging.INFO)
-    logging.getLogger("adascale_shard").addHandler(handler)
-    logging.getLogger("adascale_shard").setLevel(logging.INFO)
+    records, handler = collect_logs()
     lr = 0.0 if dtype == "fp16" else None
     config = _config(stage, dtype, offload, base, lr)
     model = Net()
